@@ -1,0 +1,72 @@
+"""DDIM timesteps and TokenFlow's per-step keyframe draws."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDIMScheduler
+
+from tokenflow.errors import SpecError
+from tokenflow.models import Model
+
+
+def make_scheduler(model: Model, steps: int) -> DDIMScheduler:
+    """A DDIM scheduler from the model's own config (whatever scheduler the folder ships)."""
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def check_timesteps_subset(edit_timesteps: Sequence[int], inversion_timesteps: Sequence[int]) -> None:
+    missing = sorted(set(int(t) for t in edit_timesteps) - set(int(t) for t in inversion_timesteps))
+    if missing:
+        raise SpecError(
+            f"editing timesteps {missing[:5]}{'...' if len(missing) > 5 else ''} are not inversion timesteps; "
+            "use an inversion step count that is a multiple of the editing step count"
+        )
+
+
+def window_count(n_frames: int, interval: int) -> int:
+    return -(-n_frames // interval)
+
+
+def draw_keyframes(n_frames: int, interval: int, steps: int, seed: int) -> list[list[int]]:
+    """One keyframe drawn uniformly in each window of `interval` frames, afresh at every step.
+
+    For a frame count that is a multiple of the interval this is the public code's draw
+    exactly: after `torch.manual_seed(seed)`, per step
+    `torch.randint(interval, (N // interval,)) + torch.arange(0, N, interval)`. A last, partial
+    window (which the public code cannot handle) gets one more draw inside its own range.
+    """
+    g = torch.Generator().manual_seed(seed)
+    full = n_frames // interval
+    rest = n_frames - full * interval
+    rows = []
+    for _ in range(steps):
+        row = (torch.randint(interval, (full,), generator=g) + torch.arange(0, full * interval, interval)).tolist()
+        if rest:
+            row.append(full * interval + int(torch.randint(rest, (1,), generator=g)))
+        rows.append(row)
+    return rows
+
+
+def validate_schedule(schedule: Sequence[Sequence[int]], n_frames: int, interval: int, steps: int) -> list[list[int]]:
+    """An explicit schedule must have one row per step and one keyframe inside each window."""
+    rows = [list(map(int, r)) for r in schedule]
+    windows = window_count(n_frames, interval)
+    if len(rows) != steps:
+        raise SpecError(f"keyframe schedule has {len(rows)} rows; expected one per step ({steps})")
+    for i, row in enumerate(rows):
+        if len(row) != windows:
+            raise SpecError(f"keyframe schedule row {i} has {len(row)} entries; expected {windows} windows")
+        for w, k in enumerate(row):
+            if not (w * interval <= k < min((w + 1) * interval, n_frames)):
+                raise SpecError(f"keyframe schedule row {i}: frame {k} is not inside window {w}")
+    return rows
+
+
+def window_centres(n_frames: int, interval: int) -> list[int]:
+    """A fixed keyframe per window (its middle frame): the keyframe preview uses these."""
+    return [w * interval + (min(interval, n_frames - w * interval)) // 2 for w in range(window_count(n_frames, interval))]
