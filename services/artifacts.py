@@ -1,0 +1,249 @@
+"""The Artifacts gRPC service: chunked upload of sources, chunked download and description of artifacts.
+
+Uploads stream to a temporary file inside the store's directory (same filesystem, so nothing large is
+held in memory and the store can copy it cheaply), are hashed on the way, and are published under the
+sha256 of their bytes -- the content address every later stage keys on. A video is stored as one file,
+``source.<ext>``: ``.mp4`` for MP4 uploads, otherwise ``.bin`` (raw source bytes, e.g. WebM/MKV; the
+store's fifth allowed file type, never deserialised by us, only handed to the video decoder). The original
+file name and media type are kept in the artifact's metadata. Nothing is published unless the whole
+upload arrived within the size limit and matched the client's sha256, so a failed upload leaves no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.status import abort_with
+from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
+from tokenflow.errors import SpecError, TooLargeError
+from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+"""Largest payload per streamed message (1 MiB), far below gRPC's default 4 MiB message limit."""
+
+SERVICE_NAME = artifacts_pb2.DESCRIPTOR.services_by_name["Artifacts"].full_name
+UPLOAD_KINDS = ("video",)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _source_name(filename: str) -> str:
+    return "source.mp4" if os.path.splitext(filename)[1].lower() in (".mp4", ".m4v") else "source.bin"
+
+
+def _clean_filename(filename: str) -> str:
+    base = os.path.basename(filename.replace("\\", "/")).strip()
+    return "".join(ch for ch in base if ch.isprintable())[:255]
+
+
+def _file_info(name: str, entry: Any) -> common_pb2.FileInfo:
+    return common_pb2.FileInfo(name=name, size=entry.size, sha256=entry.sha256, media_type=entry.media_type)
+
+
+class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
+    """Upload / Download / Stat over an `ArtifactStore`."""
+
+    def __init__(self, store: ArtifactStore, max_upload_bytes: int, metrics: Any = None) -> None:
+        self.store = store
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.metrics = metrics  # request metrics come from the server's interceptor; store metrics from store
+
+    # -- Upload --------------------------------------------------------------------------------------------
+
+    def Upload(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterable[artifacts_pb2.UploadRequest], context: grpc.ServicerContext
+    ) -> artifacts_pb2.ArtifactRef:
+        tmp_path: Path | None = None
+        try:
+            requests = iter(request_iterator)
+            first = next(requests, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise SpecError(
+                    "the first UploadRequest must carry the header (kind, filename, size, sha256)"
+                )
+            header = first.header
+            if header.kind not in UPLOAD_KINDS:
+                raise SpecError(
+                    f"unsupported upload kind {header.kind!r}; supported: {', '.join(UPLOAD_KINDS)}"
+                )
+            want_sha = header.sha256.strip().lower()
+            if want_sha and not _SHA_RE.match(want_sha):
+                raise SpecError("header.sha256 must be 64 hex characters (or empty)")
+            self._check_size(header.total_size, declared=True)
+
+            fd, tmp = tempfile.mkstemp(dir=self.store.tmp_dir, prefix="upload-", suffix=".part")
+            tmp_path = Path(tmp)
+            sha = hashlib.sha256()
+            received = 0
+            with os.fdopen(fd, "wb") as out:
+                for req in requests:
+                    which = req.WhichOneof("payload")
+                    if which == "header":
+                        raise SpecError("the upload header must be sent once, in the first message only")
+                    if which != "chunk":
+                        continue
+                    received += len(req.chunk)
+                    self._check_size(received, declared=False)
+                    sha.update(req.chunk)
+                    out.write(req.chunk)
+            if received == 0:
+                raise SpecError("the upload is empty: send the file's bytes as chunks after the header")
+            if header.total_size and received != header.total_size:
+                raise SpecError(
+                    f"the header announced {header.total_size} bytes but {received} arrived; upload again"
+                )
+            digest = sha.hexdigest()
+            if want_sha and digest != want_sha:
+                raise SpecError(
+                    f"sha256 mismatch: the header says {want_sha} but the received bytes hash to {digest}; "
+                    "the upload was corrupted in transit or the header is wrong; nothing was stored"
+                )
+            existed = self.store.contains(digest)
+            filename = _clean_filename(header.filename)
+            manifest = self.store.put(
+                header.kind,
+                digest,
+                {_source_name(filename): tmp_path},
+                meta={"filename": filename, "media_type": header.media_type[:100], "size": received},
+            )
+            log.info("upload %s: %d bytes (%s)%s", digest, received, filename, " existed" if existed else "")
+            return artifacts_pb2.ArtifactRef(
+                digest=digest,
+                kind=manifest.kind,
+                size=manifest.total_size,
+                existed=existed,
+                primary=manifest.primary or "",
+            )
+        except Exception as e:  # mapped below, outside the try, so context.abort's exception propagates
+            error = e
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    tmp_path.unlink()
+        abort_with(context, error)
+
+    def _check_size(self, size: int, declared: bool) -> None:
+        if size > self.max_upload_bytes:
+            what = f"the declared size ({size} bytes)" if declared else "the upload"
+            raise TooLargeError(
+                f"{what} exceeds this server's upload limit of {self.max_upload_bytes} bytes; trim the clip "
+                "(fewer frames or a lower resolution) before uploading"
+            )
+
+    # -- Download ------------------------------------------------------------------------------------------
+
+    def Download(  # noqa: N802 - gRPC method name
+        self, request: artifacts_pb2.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[artifacts_pb2.DownloadChunk]:
+        try:
+            _check_digest(request.digest)
+            art = self.store.get(request.digest)
+            if art is None:
+                raise ArtifactNotFound(_not_found_message(request.digest))
+            manifest = art.manifest
+            name = request.name or manifest.primary
+            if not name:
+                raise SpecError(
+                    f"artifact {request.digest} ({manifest.kind}) has several files and no primary one; "
+                    f"set DownloadRequest.name to one of: {', '.join(sorted(manifest.files))}"
+                )
+            if name not in manifest.files:
+                raise ArtifactNotFound(
+                    f"artifact {request.digest} ({manifest.kind}) has no file {name!r}; "
+                    f"it has: {', '.join(sorted(manifest.files))}"
+                )
+            entry = manifest.files[name]
+            if request.offset > entry.size:
+                raise SpecError(f"offset {request.offset} is beyond the end of {name} ({entry.size} bytes)")
+            art.verify(name)  # never send bytes that do not match the manifest
+            stream = art.open(name)
+        except Exception as e:
+            abort_with(context, e)
+
+        with stream:
+            yield artifacts_pb2.DownloadChunk(
+                header=artifacts_pb2.DownloadHeader(
+                    digest=manifest.key,
+                    kind=manifest.kind,
+                    name=name,
+                    size=entry.size,
+                    sha256=entry.sha256,
+                    media_type=entry.media_type,
+                    filename=_suggested_filename(manifest, name),
+                    offset=request.offset,
+                )
+            )
+            try:
+                position = 0
+                while True:
+                    chunk = stream.read(CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    start = max(0, request.offset - position)
+                    position += len(chunk)
+                    if start < len(chunk):
+                        yield artifacts_pb2.DownloadChunk(chunk=chunk[start:] if start else chunk)
+            except CorruptArtifact as e:  # changed on disk since verified: the client must discard it
+                context.abort(grpc.StatusCode.DATA_LOSS, f"{e}; discard the partial download and retry")
+
+    # -- Stat ----------------------------------------------------------------------------------------------
+
+    def Stat(  # noqa: N802 - gRPC method name
+        self, request: artifacts_pb2.StatRequest, context: grpc.ServicerContext
+    ) -> artifacts_pb2.ArtifactInfo:
+        try:
+            _check_digest(request.digest)
+            manifest = self.store.stat(request.digest)
+            if manifest is None:
+                raise ArtifactNotFound(_not_found_message(request.digest))
+            return artifacts_pb2.ArtifactInfo(
+                digest=manifest.key,
+                kind=manifest.kind,
+                created_unix=manifest.created,
+                total_size=manifest.total_size,
+                files=[_file_info(n, e) for n, e in sorted(manifest.files.items())],
+                primary=manifest.primary or "",
+                meta_json=json.dumps(manifest.meta, sort_keys=True, ensure_ascii=False),
+            )
+        except Exception as e:
+            error = e
+        abort_with(context, error)
+
+
+def _check_digest(digest: str) -> None:
+    if not is_digest(digest):
+        raise SpecError(
+            f"malformed digest {digest[:80]!r}: expected 64 lowercase hex characters (a sha256), as returned "
+            "by Artifacts.Upload or in a job's Result.digest"
+        )
+
+
+def _not_found_message(digest: str) -> str:
+    return (
+        f"no artifact {digest} on this server: upload the video with Artifacts.Upload, or rerun the stage "
+        "that produced it (it may have been evicted from the cache)"
+    )
+
+
+def _suggested_filename(manifest: Manifest, name: str) -> str:
+    original = manifest.meta.get("filename") if manifest.kind == "video" else None
+    if isinstance(original, str) and original and name == manifest.primary:
+        return original
+    return f"{manifest.key[:12]}-{name}"
+
+
+def add_to_server(server: grpc.Server, servicer: ArtifactsServicer) -> None:
+    """Register the servicer on a `grpc.server`."""
+    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(servicer, server)

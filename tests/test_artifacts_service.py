@@ -1,0 +1,202 @@
+"""The Artifacts service on a real gRPC server (loopback, ephemeral port) with real stubs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from services.artifacts import CHUNK_SIZE, SERVICE_NAME, ArtifactsServicer, add_to_server
+from services.store import ArtifactStore
+from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc
+
+MiB = 1 << 20
+MAX_UPLOAD = 12 * MiB
+
+
+class Server:
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self.servicer = ArtifactsServicer(store, max_upload_bytes=MAX_UPLOAD)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        add_to_server(self.server, self.servicer)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = artifacts_pb2_grpc.ArtifactsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Server]:
+    store = ArtifactStore(tmp_path / "cache", size_limit=64 * MiB)
+    s = Server(store)
+    yield s
+    s.close()
+    store.close()
+
+
+def upload_requests(
+    data: bytes,
+    filename: str = "clip.mp4",
+    sha256: str = "",
+    total_size: int | None = None,
+    kind: str = "video",
+) -> Iterator[artifacts_pb2.UploadRequest]:
+    yield artifacts_pb2.UploadRequest(
+        header=artifacts_pb2.UploadHeader(
+            kind=kind,
+            filename=filename,
+            total_size=len(data) if total_size is None else total_size,
+            sha256=sha256,
+            media_type="video/mp4",
+        )
+    )
+    for i in range(0, len(data), CHUNK_SIZE):
+        yield artifacts_pb2.UploadRequest(chunk=data[i : i + CHUNK_SIZE])
+
+
+def download(
+    stub: artifacts_pb2_grpc.ArtifactsStub, digest: str, name: str = "", offset: int = 0
+) -> tuple[artifacts_pb2.DownloadHeader, list[artifacts_pb2.DownloadChunk]]:
+    messages = list(stub.Download(artifacts_pb2.DownloadRequest(digest=digest, name=name, offset=offset)))
+    assert messages[0].WhichOneof("payload") == "header"
+    assert all(m.WhichOneof("payload") == "chunk" for m in messages[1:])
+    return messages[0].header, messages[1:]
+
+
+def code_of(call: Any, *args: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(*args)
+        if not isinstance(result, artifacts_pb2.ArtifactRef | artifacts_pb2.ArtifactInfo):
+            list(result)
+    return info.value.code(), info.value.details()
+
+
+def assert_still_serving(srv: Server) -> None:
+    ref = srv.stub.Upload(upload_requests(b"still alive"))
+    assert ref.digest == hashlib.sha256(b"still alive").hexdigest()
+
+
+def test_upload_and_download_10_mib(srv: Server) -> None:
+    data = os.urandom(10 * MiB + 123)
+    digest = hashlib.sha256(data).hexdigest()
+    ref = srv.stub.Upload(upload_requests(data, sha256=digest))
+    assert ref.digest == digest and ref.kind == "video" and ref.size == len(data)
+    assert ref.primary == "source.mp4" and not ref.existed
+    assert srv.stub.Upload(upload_requests(data)).existed  # content-addressed: stored once
+
+    header, chunks = download(srv.stub, digest)
+    assert header.digest == digest and header.kind == "video" and header.name == "source.mp4"
+    assert header.size == len(data) and header.sha256 == digest and header.media_type == "video/mp4"
+    assert header.filename == "clip.mp4"
+    assert b"".join(c.chunk for c in chunks) == data
+    # No message anywhere near the 4 MiB limit: every payload is at most 1 MiB.
+    assert max(len(c.chunk) for c in chunks) <= MiB
+    assert max(c.ByteSize() for c in chunks) <= MiB + 16
+    assert len(chunks) == 11
+
+    # Resume from an offset.
+    header, chunks = download(srv.stub, digest, offset=5 * MiB + 7)
+    assert header.offset == 5 * MiB + 7 and b"".join(c.chunk for c in chunks) == data[5 * MiB + 7 :]
+
+    info = srv.stub.Stat(artifacts_pb2.StatRequest(digest=digest))
+    assert info.kind == "video" and info.total_size == len(data) and info.primary == "source.mp4"
+    assert [(f.name, f.size, f.sha256) for f in info.files] == [("source.mp4", len(data), digest)]
+    assert json.loads(info.meta_json)["filename"] == "clip.mp4"
+    assert list(srv.store.tmp_dir.iterdir()) == []  # the upload's temp file is gone
+
+
+def test_non_mp4_upload_is_stored_as_raw_source(srv: Server) -> None:
+    ref = srv.stub.Upload(upload_requests(b"\x1aE\xdf\xa3webm", filename="C:\\clips\\dance.webm"))
+    assert ref.primary == "source.bin"
+    header, chunks = download(srv.stub, ref.digest)
+    assert header.filename == "dance.webm" and header.media_type == "application/octet-stream"
+    assert b"".join(c.chunk for c in chunks) == b"\x1aE\xdf\xa3webm"
+
+
+def test_unknown_and_malformed_digests(srv: Server) -> None:
+    unknown = hashlib.sha256(b"never uploaded").hexdigest()
+    code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=unknown))
+    assert code is grpc.StatusCode.NOT_FOUND and "Artifacts.Upload" in details
+    code, _ = code_of(srv.stub.Stat, artifacts_pb2.StatRequest(digest=unknown))
+    assert code is grpc.StatusCode.NOT_FOUND
+    for bad in ["", "xyz", "../../etc/passwd", unknown.upper()]:
+        code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=bad))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "64" in details
+    ref = srv.stub.Upload(upload_requests(b"abc"))
+    code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=ref.digest, name="x.png"))
+    assert code is grpc.StatusCode.NOT_FOUND and "source.mp4" in details
+    assert_still_serving(srv)
+
+
+def test_too_large_upload_is_refused_and_nothing_published(srv: Server) -> None:
+    data = os.urandom(MAX_UPLOAD + 1)
+    code, details = code_of(srv.stub.Upload, upload_requests(data, total_size=0))  # size not announced
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in details
+    code, _ = code_of(srv.stub.Upload, upload_requests(b"x", total_size=MAX_UPLOAD + 1))  # announced
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not srv.store.contains(hashlib.sha256(data).hexdigest())
+    assert srv.store.total_bytes() == 0 and list(srv.store.tmp_dir.iterdir()) == []
+    assert_still_serving(srv)
+
+
+def test_sha_mismatch_and_bad_headers(srv: Server) -> None:
+    data = b"some video bytes"
+    wrong = hashlib.sha256(b"other").hexdigest()
+    code, details = code_of(srv.stub.Upload, upload_requests(data, sha256=wrong))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "sha256" in details
+    assert not srv.store.contains(hashlib.sha256(data).hexdigest()) and srv.store.total_bytes() == 0
+
+    no_header = iter([artifacts_pb2.UploadRequest(chunk=b"abc")])
+    code, details = code_of(srv.stub.Upload, no_header)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "header" in details
+    code, _ = code_of(srv.stub.Upload, iter([]))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(srv.stub.Upload, upload_requests(b""))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(srv.stub.Upload, upload_requests(data, total_size=len(data) + 1))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(srv.stub.Upload, upload_requests(data, kind="model"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    two_headers = list(upload_requests(data))
+    code, _ = code_of(srv.stub.Upload, iter([two_headers[0], two_headers[0], *two_headers[1:]]))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert srv.store.total_bytes() == 0
+    assert_still_serving(srv)
+
+
+def test_corrupt_artifact_is_never_served(srv: Server) -> None:
+    data = os.urandom(100_000)
+    ref = srv.stub.Upload(upload_requests(data))
+    (blob,) = srv.store.directory.rglob("*.val")
+    blob.write_bytes(b"\0" * len(data))
+    code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=ref.digest))
+    assert code is grpc.StatusCode.NOT_FOUND and "corrupt" in details
+    assert not srv.store.contains(ref.digest)
+    assert srv.stub.Upload(upload_requests(data)).digest == ref.digest  # re-upload repairs it
+    assert b"".join(c.chunk for c in download(srv.stub, ref.digest)[1]) == data
+
+
+def test_internal_errors_do_not_leak(srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret /srv/cache/path exploded")
+
+    monkeypatch.setattr(srv.store, "stat", broken)
+    code, details = code_of(srv.stub.Stat, artifacts_pb2.StatRequest(digest="0" * 64))
+    assert code is grpc.StatusCode.INTERNAL and "secret" not in details and "internal error" in details
+    assert_still_serving(srv)
+
+
+def test_service_name() -> None:
+    assert SERVICE_NAME == "tokenflow.v1.Artifacts"

@@ -1,0 +1,473 @@
+"""Deployment files checked without Docker or a cluster: they parse, refer to each other
+consistently, and the dashboard and alerts only use metrics the services really export."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+GPU_STAGES = ("inversion", "keyframes", "propagation")
+STAGES = (*GPU_STAGES, "editor")
+GRPC_PORT = 50051
+METRICS_PORT = 9090
+#: The flags of `tokenflow serve`; a typo in a manifest would only show up at deploy time.
+SERVER_FLAGS = {
+    "--services",
+    "--port",
+    "--metrics-port",
+    "--cache-dir",
+    "--cache-size",
+    "--shared-store",
+    "--model",
+    "--device",
+    "--inversion-addr",
+    "--keyframes-addr",
+    "--propagation-addr",
+    "--max-queue",
+    "--job-grace-seconds",
+}
+#: Series Prometheus makes itself for every target.
+PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+
+
+def load_all(path: Path) -> list[Any]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def load(path: Path) -> Any:
+    docs = load_all(path)
+    assert len(docs) == 1, path
+    return docs[0]
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """``--a=1 --b 2 --c`` -> {"--a": "1", "--b": "2", "--c": ""}; comments already stripped by YAML."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = str(args[i])
+        assert arg.startswith("--"), f"unexpected positional argument {arg!r} in {args}"
+        if "=" in arg:
+            key, val = arg.split("=", 1)
+        elif i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
+            key, val = arg, str(args[i + 1])
+            i += 1
+        else:
+            key, val = arg, ""
+        out[key] = val.split("#", 1)[0].strip()
+        i += 1
+    return out
+
+
+# --- everything parses ---------------------------------------------------------------------
+
+
+def test_every_yaml_file_parses() -> None:
+    files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    assert len(files) >= 10
+    for path in files:
+        assert load_all(path), f"{path} is empty"
+
+
+def test_dashboard_json_parses() -> None:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/tokenflow.json").read_text())
+    assert dashboard["uid"] == "tokenflow" and dashboard["panels"]
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+
+@functools.cache
+def kustomization() -> dict[str, Any]:
+    return load(K8S / "kustomization.yaml")
+
+
+@functools.cache
+def k8s_objects() -> list[dict[str, Any]]:
+    return [doc for name in kustomization()["resources"] for doc in load_all(K8S / name)]
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [o for o in k8s_objects() if o["kind"] == kind]
+
+
+def containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from deployment["spec"]["template"]["spec"]["containers"]
+
+
+def deployment(name: str) -> dict[str, Any]:
+    (found,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == name]
+    return found
+
+
+def test_kustomization_lists_exactly_the_manifests() -> None:
+    listed = kustomization()["resources"]
+    assert len(listed) == len(set(listed))
+    for name in listed:
+        assert (K8S / name).is_file(), f"kustomization lists missing {name}"
+    on_disk = {p.name for p in [*K8S.glob("*.yaml"), *K8S.glob("*.yml")]} - {"kustomization.yaml"}
+    assert on_disk == set(listed), f"not listed in kustomization: {on_disk - set(listed)}"
+    assert kustomization()["namespace"] == "tokenflow"
+    kinds = {o["kind"] for o in k8s_objects()}
+    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"} <= kinds
+
+
+def test_one_deployment_and_service_per_stage() -> None:
+    assert sorted(d["metadata"]["name"] for d in of_kind("Deployment")) == sorted(STAGES)
+    assert sorted(s["metadata"]["name"] for s in of_kind("Service")) == sorted(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deployment_is_production_ready(stage: str) -> None:
+    dep = deployment(stage)
+    pod = dep["spec"]["template"]
+    spec = pod["spec"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert spec["terminationGracePeriodSeconds"] >= 300
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"].get("runAsUser", 1) != 0
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    for c in containers(dep):
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == ports["grpc"], f"{stage} {probe} must be a native gRPC probe"
+        res = c["resources"]
+        for section in ("requests", "limits"):
+            assert {"cpu", "memory"} <= res[section].keys(), f"{stage} {section}"
+        gpus = res["limits"].get("nvidia.com/gpu")
+        if stage in GPU_STAGES:
+            assert gpus == 1 and res["requests"].get("nvidia.com/gpu", gpus) == gpus
+        else:
+            assert gpus is None
+        assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
+        assert "preStop" in c.get("lifecycle", {})
+
+        args = flags(c["args"])
+        assert set(args) <= SERVER_FLAGS, set(args) - SERVER_FLAGS
+        assert args["--services"] == stage
+        assert args["--port"] == str(GRPC_PORT) and args["--metrics-port"] == str(METRICS_PORT)
+        assert args["--cache-dir"] == "/cache" and args["--shared-store"] == "/shared"
+        if stage in GPU_STAGES:
+            assert args["--model"] and args["--device"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_volumes_and_config_refs_exist(stage: str) -> None:
+    spec = deployment(stage)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claims = {o["metadata"]["name"]: o for o in of_kind("PersistentVolumeClaim")}
+    configmaps = {o["metadata"]["name"] for o in of_kind("ConfigMap")}
+    for v in volumes.values():
+        if "persistentVolumeClaim" in v:
+            assert v["persistentVolumeClaim"]["claimName"] in claims
+        if "configMap" in v:
+            assert v["configMap"]["name"] in configmaps
+    for c in containers(deployment(stage)):
+        for ref in c.get("envFrom", []):
+            assert ref["configMapRef"]["name"] in configmaps
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        for m in mounts.values():
+            assert m["name"] in volumes, f"{stage} mounts undefined volume {m['name']}"
+        # Local diskcache on node-local disk, shared tier on the RWX claim (see deploy/README.md).
+        assert "emptyDir" in volumes[mounts["/cache"]["name"]]
+        shared = volumes[mounts["/shared"]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert "ReadWriteMany" in claims[shared]["spec"]["accessModes"]
+        if stage in GPU_STAGES:
+            assert mounts["/models"].get("readOnly") is True
+
+
+def test_cache_size_fits_its_emptydir() -> None:
+    """A diskcache larger than its emptyDir's sizeLimit gets the pod evicted when it fills up."""
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+    def size(text: str) -> float:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i|[KMGT]B)", text.strip())
+        assert m, text
+        return float(m.group(1)) * units[m.group(2)]
+
+    config = of_kind("ConfigMap")[0]["data"]
+    for stage in STAGES:
+        spec = deployment(stage)["spec"]["template"]["spec"]
+        (c,) = containers(deployment(stage))
+        cache_size = flags(c["args"])["--cache-size"]
+        cache_size = re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], cache_size)
+        volume = next(v for v in spec["volumes"] if v["name"] == "cache")
+        assert size(cache_size) < size(volume["emptyDir"]["sizeLimit"]), stage
+
+
+def test_args_only_reference_configmap_keys() -> None:
+    config = of_kind("ConfigMap")[0]["data"]
+    for dep in of_kind("Deployment"):
+        for c in containers(dep):
+            for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
+                assert ref in config, f"{dep['metadata']['name']} uses undefined $({ref})"
+
+
+def test_services_select_their_deployments() -> None:
+    for svc in of_kind("Service"):
+        name = svc["metadata"]["name"]
+        selector = svc["spec"]["selector"]
+        matching = [
+            d
+            for d in of_kind("Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert [d["metadata"]["name"] for d in matching] == [name], f"service {name} selects {matching}"
+        port_names = {p["name"] for c in containers(matching[0]) for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+        assert {p["port"] for p in svc["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+
+
+def test_editor_points_at_stage_services() -> None:
+    (c,) = containers(deployment("editor"))
+    args = flags(c["args"])
+    for stage in GPU_STAGES:
+        target = args[f"--{stage}-addr"]
+        host = target.removeprefix("dns:///").rsplit(":", 1)
+        assert host == [stage, str(GRPC_PORT)], target
+
+
+def test_kustomize_builds() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(rendered) == len(k8s_objects())
+    assert all(d["metadata"].get("namespace") == "tokenflow" for d in rendered if d["kind"] != "Namespace")
+
+
+def test_manifests_match_kubernetes_schemas() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in k8s_objects():
+        kv.validate(obj, "1.30.0", strict=True)
+
+
+# --- Compose -------------------------------------------------------------------------------
+
+
+@functools.cache
+def compose() -> dict[str, Any]:
+    return load(DEPLOY / "compose.yaml")
+
+
+def test_compose_stages_share_cache_and_models() -> None:
+    services = compose()["services"]
+    assert set(STAGES) <= services.keys()
+    assert "cache" in compose()["volumes"]
+    for name in STAGES:
+        svc = services[name]
+        assert "cache:/cache" in svc["volumes"], f"{name} must mount the shared cache volume"
+        args = flags(svc["command"])
+        assert set(args) <= SERVER_FLAGS, set(args) - SERVER_FLAGS
+        assert args["--services"] == name and args["--cache-dir"] == "/cache"
+        assert args["--port"] == str(GRPC_PORT) and args["--metrics-port"] == str(METRICS_PORT)
+        if name in GPU_STAGES:
+            assert any(v.endswith(":/models:ro") for v in svc["volumes"])
+            assert args["--model"].startswith("/models/")
+            (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+            assert device["capabilities"] == ["gpu"]
+
+
+def test_compose_editor_addresses_are_compose_services() -> None:
+    services = compose()["services"]
+    args = flags(services["editor"]["command"])
+    for stage in GPU_STAGES:
+        host, port = args[f"--{stage}-addr"].rsplit(":", 1)
+        assert host == stage and host in services and port == str(GRPC_PORT)
+    assert "gpu" not in json.dumps(services["editor"].get("deploy", {}))
+
+
+def test_compose_mounted_files_exist() -> None:
+    for svc in compose()["services"].values():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), source
+
+
+def test_prometheus_scrapes_every_service() -> None:
+    config = load(DEPLOY / "prometheus/prometheus.yml")
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    for stage in STAGES:
+        assert f"{stage}:{METRICS_PORT}" in targets
+    assert config["rule_files"] == ["/etc/prometheus/rules.yml"]
+
+
+def test_grafana_provisioning_points_at_dashboards() -> None:
+    datasource = load(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["uid"] == "prometheus"
+    assert datasource["url"] == f"http://prometheus:{METRICS_PORT}"
+    provider = load(DEPLOY / "grafana/provisioning/dashboards/dashboards.yaml")["providers"][0]
+    mounts = compose()["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[str]:
+    """One string per instruction: comments dropped, backslash continuations joined."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    return out
+
+
+def test_dockerfile() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = dockerfile_instructions(text)
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.M)
+    assert base and base.group(1).startswith("nvidia/cuda:") and "runtime" in base.group(1)
+    assert any(ln.startswith("FROM ${CUDA_IMAGE}") for ln in lines)
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users, "no USER"
+    final_user = users[-1].split(":")[0]
+    assert final_user not in {"root", "0"}
+    assert "python3.11" in text and "pip install" in text and " ." in text
+    assert 'ENTRYPOINT ["tokenflow", "serve"]' in lines
+    cmd = next(ln for ln in lines if ln.startswith("CMD "))
+    assert flags(json.loads(cmd[4:])) == {
+        "--services": "all",
+        "--port": str(GRPC_PORT),
+        "--metrics-port": str(METRICS_PORT),
+        "--cache-dir": "/cache",
+    }
+    assert f"EXPOSE {GRPC_PORT} {METRICS_PORT}" in lines
+    assert "VOLUME /cache" in lines
+    assert "HF_HUB_OFFLINE=1" in text
+    (healthcheck,) = [ln for ln in lines if ln.startswith("HEALTHCHECK ")]
+    assert healthcheck.endswith('CMD ["tokenflow-client", "--target", "localhost:50051", "health"]')
+
+
+# --- metric names --------------------------------------------------------------------------
+
+_PROMQL_WORDS = set("and or unless bool offset by without on ignoring group_left group_right inf nan".split())
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: identifiers that are not functions, keywords,
+    label names (inside {...} or by/without(...)), ranges or Grafana variables."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\$\{?\w+\}?", "", e)
+    e = re.sub(r"\{[^}]*\}", "", e)
+    e = re.sub(r"\[[^\]]*\]", "", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_:][\w:]*)(\s*\()?", e):
+        if m.group(2) is None and m.group(1).lower() not in _PROMQL_WORDS:
+            names.add(m.group(1))
+    return names
+
+
+def exported_sample_names(metrics: Metrics) -> set[str]:
+    """Every sample name the registry can export, even for labelled metrics with no children yet."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+        "stateset": ("",),
+        "unknown": ("",),
+    }
+    names = set()
+    for family in metrics.registry.collect():
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    def walk(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                yield node["expr"]
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+
+    return list(walk(json.loads((DEPLOY / "grafana/dashboards/tokenflow.json").read_text())))
+
+
+def rule_exprs() -> list[str]:
+    groups = load(DEPLOY / "prometheus/rules.yml")["groups"]
+    return [rule["expr"] for g in groups for rule in g["rules"]]
+
+
+def test_promql_name_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le, service) (rate(foo_bucket{outcome="x"}[$__rate_interval])))'
+        " / on (service) group_left bar_total offset 5m > 1e3 and up"
+    )
+    assert promql_metric_names(expr) == {"foo_bucket", "bar_total", "up"}
+
+
+def test_dashboard_and_rules_use_only_exported_metrics() -> None:
+    exported = exported_sample_names(Metrics())
+    assert {
+        "tokenflow_requests_total",
+        "tokenflow_request_duration_seconds_bucket",
+        "tokenflow_cache_bytes",
+    } <= exported
+    dashboard = dashboard_exprs()
+    rules = rule_exprs()
+    assert len(dashboard) >= 10 and len(rules) >= 3
+    used: set[str] = set()
+    for expr in dashboard:
+        names = promql_metric_names(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= exported, f"dashboard uses unknown {names - exported} in {expr!r}"
+        used |= names
+    for expr in rules:
+        names = promql_metric_names(expr) - PROMETHEUS_SYNTHETIC
+        assert names <= exported, f"rules use unknown {names - exported} in {expr!r}"
+        used |= names
+    # The dashboard covers what the design asks to watch.
+    for needed in (
+        "tokenflow_requests_total",
+        "tokenflow_frames_processed_total",
+        "tokenflow_request_duration_seconds_bucket",
+        "tokenflow_job_duration_seconds_bucket",
+        "tokenflow_jobs_queued",
+        "tokenflow_jobs_in_flight",
+        "tokenflow_cache_hits_total",
+        "tokenflow_cache_misses_total",
+        "tokenflow_accelerator_memory_bytes",
+        "tokenflow_inversions_total",
+    ):
+        assert needed in used, needed
+    for q in ("0.5", "0.95", "0.99"):
+        assert any(
+            f"histogram_quantile({q}," in e and "tokenflow_job_duration_seconds_bucket" in e
+            for e in dashboard
+        )

@@ -1,0 +1,66 @@
+"""Video file in, edited video file out: the glue between video I/O and the method.
+
+Frames are streamed from the decoder into the VAE and from the VAE into the encoder, so only
+latents are ever held for the whole clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from tokenflow.editing import EditResult, edit, edit_keyframes
+from tokenflow.encoding import iter_decoded
+from tokenflow.inversion import Inversion, invert
+from tokenflow.models import TEST_MODEL_NOTICE, Model
+from tokenflow.progress import NO_HOOKS, JobHooks
+from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
+from tokenflow.video import iter_frames, probe, write_video
+
+
+def invert_video(model: Model, video: str | Path, decode: DecodeSpec, spec: InversionSpec,
+                 hooks: JobHooks = NO_HOOKS) -> Inversion:
+    """Decode (streaming), encode and invert a video file."""
+    decode.validate()
+    spec.validate()
+    info = probe(video)
+    inversion = invert(model, lambda: iter_frames(video, decode), spec, fps=info.fps / decode.stride, hooks=hooks)
+    inversion.extra.update({
+        "decode": decode.canonical(),
+        "source_fps": [info.fps.numerator, info.fps.denominator],
+        "audio_start": decode.start / float(info.fps) if info.fps else 0.0,
+        "source_has_audio": info.has_audio,
+    })
+    return inversion
+
+
+@dataclass
+class EditOutput:
+    path: Path
+    frames: int
+    fps: Fraction
+    result: EditResult
+
+
+def render_edit(model: Model, inversion: Inversion, spec: EditSpec, output: str | Path,
+                audio_source: str | Path | None = None, hooks: JobHooks = NO_HOOKS) -> EditOutput:
+    """Edit and write an H.264 mp4 at the source frame rate, carrying the source's audio over."""
+    result = edit(model, inversion, spec, hooks=hooks)
+    frames = write_video(
+        output, iter_decoded(model, result.latents), inversion.fps,
+        audio_source=audio_source, crf=spec.crf, comment=output_comment(model, spec),
+        audio_start=float(inversion.extra.get("audio_start", 0.0)),
+    )
+    return EditOutput(Path(output), frames, inversion.fps, result)
+
+
+def preview_keyframes(model: Model, inversion: Inversion, spec: EditSpec,
+                      hooks: JobHooks = NO_HOOKS) -> tuple[list[int], Any]:
+    return edit_keyframes(model, inversion, spec, hooks=hooks)
+
+
+def output_comment(model: Model, spec: EditSpec | None = None) -> str:
+    text = f"tokenflow-service; method={spec.method}" if spec else "tokenflow-service"
+    return f"{text}; {TEST_MODEL_NOTICE}" if model.is_test_model else text
