@@ -70,9 +70,15 @@ class TokenFlowAttnProcessor:
         self.state = state
         self.pnp_layer = pnp_layer
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise RuntimeError(f"{self.name}: TokenFlow processors only handle plain self-attention")
         state = self.state
@@ -84,11 +90,13 @@ class TokenFlowAttnProcessor:
             q = torch.cat([q[:n]] * 3)
             k = torch.cat([k[:n]] * 3)
         if state.mode == "keyframes":
-            out = torch.cat([
-                _attention(attn, q[:n], k[:n], v[:n], joint=False),
-                _attention(attn, q[n : 2 * n], k[n : 2 * n], v[n : 2 * n], joint=True),
-                _attention(attn, q[2 * n :], k[2 * n :], v[2 * n :], joint=True),
-            ])
+            out = torch.cat(
+                [
+                    _attention(attn, q[:n], k[:n], v[:n], joint=False),
+                    _attention(attn, q[n : 2 * n], k[n : 2 * n], v[n : 2 * n], joint=True),
+                    _attention(attn, q[2 * n :], k[2 * n :], v[2 * n :], joint=True),
+                ]
+            )
         elif state.mode == "per-frame":
             out = _attention(attn, q, k, v, joint=False)
         else:
@@ -123,7 +131,9 @@ class TokenFlowAttnProcessor:
             previous = _gather(kf_out[:, w - 1], nearest_tokens(x, kf_tokens[w - 1]))
             w1 = blend_weights(frames[sel], w, state.keyframe_interval, state.weighting)
             w1 = w1.to(current.dtype).view(1, -1, 1, 1)
-            blended = w1 * current.view(3, len(sel), seq, dim) + (1 - w1) * previous.view(3, len(sel), seq, dim)
+            blended = w1 * current.view(3, len(sel), seq, dim) + (1 - w1) * previous.view(
+                3, len(sel), seq, dim
+            )
             out[:, sel] = blended
         return out.reshape(3 * n, seq, dim)
 
@@ -187,8 +197,11 @@ def tokenflow_unet(unet: Any, state: TokenFlowState) -> Iterator[TokenFlowState]
     """Install the processors and the conv hook for the duration of one edit, then restore."""
     original = dict(unet.attn_processors)
     processors = {
-        name: (TokenFlowAttnProcessor(name.removesuffix(".processor"), state, is_pnp_attention(name))
-               if name.endswith("attn1.processor") else proc)
+        name: (
+            TokenFlowAttnProcessor(name.removesuffix(".processor"), state, is_pnp_attention(name))
+            if name.endswith("attn1.processor")
+            else proc
+        )
         for name, proc in original.items()
     }
     unet.set_attn_processor(processors)

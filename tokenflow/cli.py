@@ -30,8 +30,14 @@ class ProgressBars:
 
         bar = self._bars.get(event.stage)
         if bar is None:
-            bar = self._bars[event.stage] = tqdm(total=event.total or None, desc=event.stage, unit="step",
-                                                 file=sys.stderr, leave=True, dynamic_ncols=True)
+            bar = self._bars[event.stage] = tqdm(
+                total=event.total or None,
+                desc=event.stage,
+                unit="step",
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
+            )
         bar.n = event.step
         bar.refresh()
         if event.total and event.step >= event.total:
@@ -51,9 +57,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny', 'sd15-arch', 'sd21-arch' or a local diffusers folder")
+    p.add_argument(
+        "--model", default="tiny", help="'tiny', 'sd15-arch', 'sd21-arch' or a local diffusers folder"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"
+    )
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +76,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="editing (denoising) steps T")
-    p.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps S, a multiple of T")
+    p.add_argument(
+        "--inversion-steps", type=int, default=None, help="DDIM inversion steps S, a multiple of T"
+    )
     p.add_argument("--inversion-prompt", default="", help="prompt used for inversion (empty or a caption)")
 
 
@@ -86,19 +98,34 @@ def _add_edit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_spec(a: argparse.Namespace) -> DecodeSpec:
-    return DecodeSpec(start=a.start, max_frames=a.frames, stride=a.stride, size=a.size, target_area=a.area).validate()
+    return DecodeSpec(
+        start=a.start, max_frames=a.frames, stride=a.stride, size=a.size, target_area=a.area
+    ).validate()
 
 
 def _inversion_spec(a: argparse.Namespace, reconstruct: bool) -> InversionSpec:
-    return InversionSpec(prompt=a.inversion_prompt, steps=a.inversion_steps or a.steps, edit_steps=a.steps,
-                         reconstruct=reconstruct).validate()
+    return InversionSpec(
+        prompt=a.inversion_prompt,
+        steps=a.inversion_steps or a.steps,
+        edit_steps=a.steps,
+        reconstruct=reconstruct,
+    ).validate()
 
 
 def _edit_spec(a: argparse.Namespace) -> EditSpec:
     return EditSpec(
-        prompt=a.prompt, negative_prompt=a.negative_prompt, guidance_scale=a.guidance, pnp_attn_t=a.pnp_attn_t,
-        pnp_f_t=a.pnp_f_t, seed=a.seed, keyframe_interval=a.keyframe_interval, chunk_size=a.chunk_size,
-        method=a.method, sdedit_start=a.sdedit_start, propagation_weighting=a.weighting, crf=a.crf,
+        prompt=a.prompt,
+        negative_prompt=a.negative_prompt,
+        guidance_scale=a.guidance,
+        pnp_attn_t=a.pnp_attn_t,
+        pnp_f_t=a.pnp_f_t,
+        seed=a.seed,
+        keyframe_interval=a.keyframe_interval,
+        chunk_size=a.chunk_size,
+        method=a.method,
+        sdedit_start=a.sdedit_start,
+        propagation_weighting=a.weighting,
+        crf=a.crf,
     ).validate()
 
 
@@ -107,8 +134,10 @@ def _load_model(a: argparse.Namespace) -> Any:
 
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     if model.is_test_model:
-        print(f"note: model {a.model!r} is a test model with random weights; its pictures are noise",
-              file=sys.stderr)
+        print(
+            f"note: model {a.model!r} is a test model with random weights; its pictures are noise",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -133,9 +162,15 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
     spec = _edit_spec(a)
     out = render_edit(model, inversion, spec, a.output, audio_source=source, hooks=hooks)
     bars.close()
-    return {"output": str(out.path), "frames": out.frames, "fps": float(out.fps), "method": spec.method,
-            "reconstruction_psnr_db": inversion.reconstruction_psnr, "source": source,
-            "test_model": model.is_test_model}
+    return {
+        "output": str(out.path),
+        "frames": out.frames,
+        "fps": float(out.fps),
+        "method": spec.method,
+        "reconstruction_psnr_db": inversion.reconstruction_psnr,
+        "source": source,
+        "test_model": model.is_test_model,
+    }
 
 
 def cmd_invert(a: argparse.Namespace) -> dict[str, Any]:
@@ -143,13 +178,20 @@ def cmd_invert(a: argparse.Namespace) -> dict[str, Any]:
 
     bars = ProgressBars(not a.quiet)
     model = _load_model(a)
-    inversion = invert_video(model, a.input, _decode_spec(a), _inversion_spec(a, not a.no_reconstruct),
-                             JobHooks(progress=bars))
+    inversion = invert_video(
+        model, a.input, _decode_spec(a), _inversion_spec(a, not a.no_reconstruct), JobHooks(progress=bars)
+    )
     inversion.extra["source_path"] = str(Path(a.input).resolve())
     inversion.save(a.save)
     bars.close()
-    return {"saved": a.save, "frames": inversion.n_frames, "width": inversion.width, "height": inversion.height,
-            "fps": float(inversion.fps), "reconstruction_psnr_db": inversion.reconstruction_psnr}
+    return {
+        "saved": a.save,
+        "frames": inversion.n_frames,
+        "width": inversion.width,
+        "height": inversion.height,
+        "fps": float(inversion.fps),
+        "reconstruction_psnr_db": inversion.reconstruction_psnr,
+    }
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
@@ -176,15 +218,21 @@ def cmd_make_clip(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenflow", description="Text-driven video editing with TokenFlow.")
+    parser = argparse.ArgumentParser(
+        prog="tokenflow", description="Text-driven video editing with TokenFlow."
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("edit", help="edit a video under a prompt (inverting it first, or from a saved inversion)")
+    p = sub.add_parser(
+        "edit", help="edit a video under a prompt (inverting it first, or from a saved inversion)"
+    )
     p.add_argument("input", nargs="?", default=None, help="source video (omit to generate a test clip)")
     p.add_argument("--output", "-o", required=True, help="edited .mp4 to write")
     p.add_argument("--from-inversion", default=None, help="directory written by `tokenflow invert --save`")
-    p.add_argument("--reconstruct", action="store_true", help="also reconstruct and report the inversion's PSNR")
+    p.add_argument(
+        "--reconstruct", action="store_true", help="also reconstruct and report the inversion's PSNR"
+    )
     p.add_argument("--quiet", "-q", action="store_true")
     _add_model_args(p)
     _add_decode_args(p)
@@ -240,8 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         result = args.func(args)
     except TokenFlowError as exc:

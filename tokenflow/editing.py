@@ -66,19 +66,30 @@ def _prepare(model: Model, inversion: Inversion, spec: EditSpec) -> _Prepared:
         uncond = cond = encode_prompt(model, inversion.prompt)
     else:
         uncond, cond = encode_prompt(model, spec.negative_prompt), encode_prompt(model, spec.prompt)
-    return _Prepared(scheduler, timesteps[offset:], offset, x, encode_prompt(model, inversion.prompt), uncond, cond)
+    return _Prepared(
+        scheduler, timesteps[offset:], offset, x, encode_prompt(model, inversion.prompt), uncond, cond
+    )
 
 
-def _unet_branches(model: Model, prep: _Prepared, source: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+def _unet_branches(
+    model: Model, prep: _Prepared, source: torch.Tensor, x: torch.Tensor, t: int
+) -> torch.Tensor:
     """UNet on [source; x; x] with [inversion prompt; negative; prompt]: returns guided-ready [3n,...]."""
     n = x.shape[0]
     latents = torch.cat([source, x, x]).to(model.device, model.dtype)
-    embeds = torch.cat([prep.embeds_source.expand(n, -1, -1), prep.embeds_uncond.expand(n, -1, -1),
-                        prep.embeds_cond.expand(n, -1, -1)])
+    embeds = torch.cat(
+        [
+            prep.embeds_source.expand(n, -1, -1),
+            prep.embeds_uncond.expand(n, -1, -1),
+            prep.embeds_cond.expand(n, -1, -1),
+        ]
+    )
     return model.unet(latents, t, encoder_hidden_states=embeds).sample.float().cpu()
 
 
-def _guided_step(prep: _Prepared, noise: torch.Tensor, t: int, x: torch.Tensor, guidance: float) -> torch.Tensor:
+def _guided_step(
+    prep: _Prepared, noise: torch.Tensor, t: int, x: torch.Tensor, guidance: float
+) -> torch.Tensor:
     _, uncond, cond = noise.chunk(3)
     guided = uncond + guidance * (cond - uncond)
     return prep.scheduler.step(guided, t, x).prev_sample
@@ -91,8 +102,13 @@ def keyframe_schedule(spec: EditSpec, n_frames: int, steps: int) -> list[list[in
 
 
 @torch.no_grad()
-def edit(model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = NO_HOOKS,
-         keep_trajectory: bool = False) -> EditResult:
+def edit(
+    model: Model,
+    inversion: Inversion,
+    spec: EditSpec,
+    hooks: JobHooks = NO_HOOKS,
+    keep_trajectory: bool = False,
+) -> EditResult:
     """Edit every frame with the spec's method; returns the final latents (decode them lazily)."""
     prep = _prepare(model, inversion, spec)
     n = inversion.n_frames
@@ -105,7 +121,7 @@ def edit(model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = N
     state = TokenFlowState(keyframe_interval=spec.keyframe_interval, weighting=spec.propagation_weighting)
     x = prep.x
     trajectory: list[torch.Tensor] | None = [] if keep_trajectory else None
-    with (tokenflow_unet(model.unet, state) if spec.method != "reconstruct" else contextlib.nullcontext()):
+    with tokenflow_unet(model.unet, state) if spec.method != "reconstruct" else contextlib.nullcontext():
         for i, t in enumerate(prep.timesteps):
             step_index = prep.step_offset + i
             source = inversion.source_latents[step_index]
@@ -135,8 +151,13 @@ def edit(model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = N
 
 
 @torch.no_grad()
-def edit_keyframes(model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = NO_HOOKS,
-                   indices: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+def edit_keyframes(
+    model: Model,
+    inversion: Inversion,
+    spec: EditSpec,
+    hooks: JobHooks = NO_HOOKS,
+    indices: list[int] | None = None,
+) -> tuple[list[int], np.ndarray]:
     """A fast preview: jointly edit one fixed keyframe per window (extended attention, PnP), no propagation.
 
     Costs K/N of a full edit. Returns the keyframe indices and their decoded uint8 frames.

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 def encode_prompt(model: Model, prompt: str) -> torch.Tensor:
     """CLIP last hidden state [1, 77, D], padded to max length as the public code does."""
     tok = model.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=False,
-              return_tensors="pt").input_ids
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=False, return_tensors="pt"
+    ).input_ids
     if ids.shape[-1] > tok.model_max_length:
         log.warning("prompt truncated to %d tokens: %r", tok.model_max_length, prompt)
         ids = torch.cat([ids[:, : tok.model_max_length - 1], ids[:, -1:]], dim=1)

@@ -60,7 +60,9 @@ class Inversion:
         try:
             return self.source_latents[self.edit_timesteps.index(int(t))]
         except ValueError:
-            raise SpecError(f"timestep {t} was not kept by this inversion ({len(self.edit_timesteps)} steps)") from None
+            raise SpecError(
+                f"timestep {t} was not kept by this inversion ({len(self.edit_timesteps)} steps)"
+            ) from None
 
     # ---- serialisation: safetensors + JSON only, never pickle
 
@@ -95,14 +97,24 @@ class Inversion:
         except (KeyError, ValueError, json.JSONDecodeError) as exc:
             raise SpecError(f"not a valid inversion artifact: {exc}") from exc
         if meta.get("format") != FORMAT_VERSION:
-            raise SpecError(f"inversion format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+            raise SpecError(
+                f"inversion format {meta.get('format')} is not supported (expected {FORMAT_VERSION})"
+            )
         inv = cls(
-            latents_clean=tensors["latents_clean"], edit_timesteps=[int(t) for t in meta["edit_timesteps"]],
-            source_latents=tensors["source_latents"], noisiest=tensors["noisiest"],
-            noisiest_timestep=int(meta["noisiest_timestep"]), prompt=meta["prompt"], steps=int(meta["steps"]),
-            width=int(meta["width"]), height=int(meta["height"]), fps=Fraction(*meta["fps"]),
-            model_fingerprint=meta["model_fingerprint"], test_model=bool(meta["test_model"]),
-            reconstruction_psnr=meta.get("reconstruction_psnr"), extra=meta.get("extra", {}),
+            latents_clean=tensors["latents_clean"],
+            edit_timesteps=[int(t) for t in meta["edit_timesteps"]],
+            source_latents=tensors["source_latents"],
+            noisiest=tensors["noisiest"],
+            noisiest_timestep=int(meta["noisiest_timestep"]),
+            prompt=meta["prompt"],
+            steps=int(meta["steps"]),
+            width=int(meta["width"]),
+            height=int(meta["height"]),
+            fps=Fraction(*meta["fps"]),
+            model_fingerprint=meta["model_fingerprint"],
+            test_model=bool(meta["test_model"]),
+            reconstruction_psnr=meta.get("reconstruction_psnr"),
+            extra=meta.get("extra", {}),
         )
         if inv.source_latents.shape[:2] != (len(inv.edit_timesteps), inv.n_frames):
             raise SpecError("inversion artifact is inconsistent: latents do not match its timesteps/frames")
@@ -121,7 +133,9 @@ class Inversion:
     def load(cls, directory: str | Path) -> Inversion:
         d = Path(directory)
         if not (d / META_FILE).is_file():
-            raise SpecError(f"{d} holds no saved inversion (missing {META_FILE}); create one with `tokenflow invert`")
+            raise SpecError(
+                f"{d} holds no saved inversion (missing {META_FILE}); create one with `tokenflow invert`"
+            )
         return cls.from_files({name: (d / name).read_bytes() for name in (TENSORS_FILE, META_FILE)})
 
 
@@ -129,8 +143,9 @@ def _finite_or_none(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def split_prediction(model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor,
-                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_prediction(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted x0, predicted noise) for any of diffusers' prediction types."""
     mu, sigma = alpha**0.5, (1 - alpha) ** 0.5
     if prediction_type == "epsilon":
@@ -144,8 +159,9 @@ def split_prediction(model_output: torch.Tensor, sample: torch.Tensor, alpha: to
 
 
 @torch.no_grad()
-def encode_video(model: Model, frames: Iterable[np.ndarray], hooks: JobHooks = NO_HOOKS,
-                 batch_size: int = 8) -> torch.Tensor:
+def encode_video(
+    model: Model, frames: Iterable[np.ndarray], hooks: JobHooks = NO_HOOKS, batch_size: int = 8
+) -> torch.Tensor:
     """Stream frames through the VAE in batches; only latents are kept."""
     latents = []
     done = 0
@@ -178,7 +194,9 @@ def invert(
     inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
     missing = set(edit_timesteps) - set(inv_timesteps)
     if missing:
-        raise SpecError(f"editing timesteps {sorted(missing)[:5]} are not among the inversion's {spec.steps} steps")
+        raise SpecError(
+            f"editing timesteps {sorted(missing)[:5]} are not among the inversion's {spec.steps} steps"
+        )
     alphas = scheduler.alphas_cumprod
     cond = encode_prompt(model, spec.prompt)
     x = latents_clean.clone()
@@ -190,19 +208,32 @@ def invert(
         alpha_prev = alphas[inv_timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
         for b in range(0, n, bs):
             xb = x[b : b + bs]
-            out = model.unet(xb.to(model.device, model.dtype), t,
-                             encoder_hidden_states=cond.expand(xb.shape[0], -1, -1)).sample.float().cpu()
+            out = (
+                model.unet(
+                    xb.to(model.device, model.dtype),
+                    t,
+                    encoder_hidden_states=cond.expand(xb.shape[0], -1, -1),
+                )
+                .sample.float()
+                .cpu()
+            )
             pred_x0, eps = split_prediction(out, xb, alpha_prev, model.prediction_type)
             x[b : b + bs] = alpha_t**0.5 * pred_x0 + (1 - alpha_t) ** 0.5 * eps
         if t in keep:
             kept[t] = x.clone()
         hooks.report("invert", i + 1, len(inv_timesteps), frames_done=n, frames_total=n)
     inversion = Inversion(
-        latents_clean=latents_clean, edit_timesteps=edit_timesteps,
-        source_latents=torch.stack([kept[t] for t in edit_timesteps]), noisiest=x.clone(),
-        noisiest_timestep=inv_timesteps[-1], prompt=spec.prompt, steps=spec.steps,
-        width=int(latents_clean.shape[-1] * model.vae_scale), height=int(latents_clean.shape[-2] * model.vae_scale),
-        fps=Fraction(fps).limit_denominator(1_000_000), model_fingerprint=model.fingerprint,
+        latents_clean=latents_clean,
+        edit_timesteps=edit_timesteps,
+        source_latents=torch.stack([kept[t] for t in edit_timesteps]),
+        noisiest=x.clone(),
+        noisiest_timestep=inv_timesteps[-1],
+        prompt=spec.prompt,
+        steps=spec.steps,
+        width=int(latents_clean.shape[-1] * model.vae_scale),
+        height=int(latents_clean.shape[-2] * model.vae_scale),
+        fps=Fraction(fps).limit_denominator(1_000_000),
+        model_fingerprint=model.fingerprint,
         test_model=model.is_test_model,
     )
     if spec.reconstruct:
@@ -212,8 +243,9 @@ def invert(
 
 
 @torch.no_grad()
-def reconstruct(model: Model, inversion: Inversion, steps: int, hooks: JobHooks = NO_HOOKS,
-                batch_size: int = 8) -> torch.Tensor:
+def reconstruct(
+    model: Model, inversion: Inversion, steps: int, hooks: JobHooks = NO_HOOKS, batch_size: int = 8
+) -> torch.Tensor:
     """DDIM sampling back from the most-noised latents with the inversion prompt (guidance 1)."""
     scheduler = make_scheduler(model, steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -225,8 +257,15 @@ def reconstruct(model: Model, inversion: Inversion, steps: int, hooks: JobHooks 
         alpha_next = alphas[timesteps[i + 1]] if i < len(timesteps) - 1 else scheduler.final_alpha_cumprod
         for b in range(0, x.shape[0], batch_size):
             xb = x[b : b + batch_size]
-            out = model.unet(xb.to(model.device, model.dtype), t,
-                             encoder_hidden_states=cond.expand(xb.shape[0], -1, -1)).sample.float().cpu()
+            out = (
+                model.unet(
+                    xb.to(model.device, model.dtype),
+                    t,
+                    encoder_hidden_states=cond.expand(xb.shape[0], -1, -1),
+                )
+                .sample.float()
+                .cpu()
+            )
             pred_x0, eps = split_prediction(out, xb, alpha_t, model.prediction_type)
             x[b : b + batch_size] = alpha_next**0.5 * pred_x0 + (1 - alpha_next) ** 0.5 * eps
         hooks.report("reconstruct", i + 1, len(timesteps))

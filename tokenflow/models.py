@@ -79,8 +79,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "", "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(table))}")
     return table[dtype]
@@ -110,8 +116,7 @@ def load_model(
     if name_or_path in PRESETS:
         parts = _build_preset(name_or_path, seed)
         fingerprint = _preset_fingerprint(name_or_path, seed, parts)
-        model = Model(name_or_path, *parts, fingerprint=fingerprint, device=dev, dtype=dt,
-                      is_test_model=True)
+        model = Model(name_or_path, *parts, fingerprint=fingerprint, device=dev, dtype=dt, is_test_model=True)
     else:
         model = _load_folder(Path(name_or_path), dev, dt)
     for module in (model.unet, model.vae, model.text_encoder):
@@ -134,13 +139,20 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Model:
         raise ModelError(
             f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor a local diffusers folder"
         )
-    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+    missing = [
+        p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()
+    ]
     if missing:
-        raise ModelError(f"model folder {path} lacks {', '.join(missing)}: expected a Stable Diffusion layout")
+        raise ModelError(
+            f"model folder {path} lacks {', '.join(missing)}: expected a Stable Diffusion layout"
+        )
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
-                                                    low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False
+        )
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", local_files_only=True, low_cpu_mem_usage=False
+        )
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         with open(path / "scheduler" / "scheduler_config.json", encoding="utf-8") as f:
@@ -148,9 +160,16 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Model:
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot load the model at {path}: {exc}") from exc
     return Model(
-        name=str(path), unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler_config=scheduler_config, fingerprint=folder_fingerprint(path),
-        device=device, dtype=dtype, is_test_model=False,
+        name=str(path),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        fingerprint=folder_fingerprint(path),
+        device=device,
+        dtype=dtype,
+        is_test_model=False,
     )
 
 
@@ -186,9 +205,15 @@ def _file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------- presets
 
 _SCHEDULER_SD15 = {
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
-    "steps_offset": 1, "timestep_spacing": "leading",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
 }
 
 _TINY_CORPUS = """
@@ -205,38 +230,69 @@ def _build_preset(name: str, seed: int) -> tuple[Any, Any, Any, Any, dict[str, A
 
     if name == "tiny":
         unet_cfg: dict[str, Any] = dict(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(32, 64, 64, 64), norm_num_groups=8, attention_head_dim=8,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 64, 64, 64),
+            norm_num_groups=8,
+            attention_head_dim=8,
             cross_attention_dim=32,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
         vae_cfg: dict[str, Any] = dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64, 64, 64), norm_num_groups=8, sample_size=256,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 64, 64),
+            norm_num_groups=8,
+            sample_size=256,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
         )
-        text_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+        text_cfg = dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+        )
         scheduler = dict(_SCHEDULER_SD15)
     elif name in ("sd15-arch", "sd21-arch"):
         sd21 = name == "sd21-arch"
         unet_cfg = dict(
-            sample_size=96 if sd21 else 64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024 if sd21 else 768,
-            attention_head_dim=(5, 10, 20, 20) if sd21 else 8, use_linear_projection=sd21,
+            sample_size=96 if sd21 else 64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=1024 if sd21 else 768,
+            attention_head_dim=(5, 10, 20, 20) if sd21 else 8,
+            use_linear_projection=sd21,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
         vae_cfg = dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), sample_size=768 if sd21 else 512,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            sample_size=768 if sd21 else 512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
         )
         text_cfg = dict(
-            hidden_size=1024 if sd21 else 768, intermediate_size=4096 if sd21 else 3072,
-            num_hidden_layers=23 if sd21 else 12, num_attention_heads=16 if sd21 else 12,
-            max_position_embeddings=77, hidden_act="gelu" if sd21 else "quick_gelu",
+            hidden_size=1024 if sd21 else 768,
+            intermediate_size=4096 if sd21 else 3072,
+            num_hidden_layers=23 if sd21 else 12,
+            num_attention_heads=16 if sd21 else 12,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd21 else "quick_gelu",
             projection_dim=512 if sd21 else 768,
         )
         scheduler = dict(_SCHEDULER_SD15, prediction_type="v_prediction" if sd21 else "epsilon")
@@ -249,17 +305,23 @@ def _build_preset(name: str, seed: int) -> tuple[Any, Any, Any, Any, dict[str, A
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **text_cfg,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text_cfg,
+            )
+        )
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
 def _preset_fingerprint(name: str, seed: int, parts: tuple[Any, ...]) -> str:
     unet, vae, text_encoder, _, scheduler = parts
-    h = hashlib.sha256(json.dumps({"preset": name, "seed": seed, "scheduler": scheduler},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps({"preset": name, "seed": seed, "scheduler": scheduler}, sort_keys=True).encode()
+    )
     if name == "tiny":  # cheap enough to hash the actual weights: catches a torch RNG change
         for module in (unet, vae, text_encoder):
             for k, v in sorted(module.state_dict().items()):
@@ -291,15 +353,26 @@ def build_tiny_tokenizer() -> Any:
         with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-                       "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                       "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+            json.dump(
+                {
+                    "tokenizer_class": "CLIPTokenizer",
+                    "model_max_length": 77,
+                    "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>",
+                },
+                f,
+            )
         return CLIPTokenizer.from_pretrained(d, local_files_only=True)
 
 
 def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -54,17 +54,26 @@ def run_parity(fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = N
     started = time.perf_counter()
 
     latents_clean = encode_video(model, iter(frames), batch_size=10)
-    inv_spec = InversionSpec(prompt=inv_cfg["prompt"], steps=int(inv_cfg["steps"]), edit_steps=steps,
-                             reconstruct=False)
+    inv_spec = InversionSpec(
+        prompt=inv_cfg["prompt"], steps=int(inv_cfg["steps"]), edit_steps=steps, reconstruct=False
+    )
     inversion = invert(model, frames_from_array(frames), inv_spec, hooks=hooks, latents_clean=latents_clean)
 
-    schedule = [list(map(int, row)) for row in tensors["keyframes"].tolist()] if "keyframes" in tensors \
+    schedule = (
+        [list(map(int, row)) for row in tensors["keyframes"].tolist()]
+        if "keyframes" in tensors
         else ref.get("keyframe_schedule")
+    )
     spec = EditSpec(
-        prompt=edit_cfg["prompt"], negative_prompt=edit_cfg["negative_prompt"],
-        guidance_scale=float(edit_cfg["guidance_scale"]), pnp_attn_t=float(edit_cfg["pnp_attn_t"]),
-        pnp_f_t=float(edit_cfg["pnp_f_t"]), seed=int(edit_cfg["seed"]), keyframe_interval=interval,
-        chunk_size=interval, keyframe_schedule=tuple(tuple(r) for r in schedule) if schedule else None,
+        prompt=edit_cfg["prompt"],
+        negative_prompt=edit_cfg["negative_prompt"],
+        guidance_scale=float(edit_cfg["guidance_scale"]),
+        pnp_attn_t=float(edit_cfg["pnp_attn_t"]),
+        pnp_f_t=float(edit_cfg["pnp_f_t"]),
+        seed=int(edit_cfg["seed"]),
+        keyframe_interval=interval,
+        chunk_size=interval,
+        keyframe_schedule=tuple(tuple(r) for r in schedule) if schedule else None,
     )
     has_trajectory = "trajectory" in tensors
     result = edit(model, inversion, spec, hooks=hooks, keep_trajectory=has_trajectory)
@@ -87,14 +96,19 @@ def run_parity(fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = N
             ours = [inversion.latents_at(t) for t in inv_ts]
         else:
             ours = _inversion_trajectory(model, latents_clean, inv_spec, inv_ts)
-        report["inversion_rel_l2"] = max(rel_l2(ours[i], tensors["inversion_latents"][i]) for i in range(len(inv_ts)))
+        report["inversion_rel_l2"] = max(
+            rel_l2(ours[i], tensors["inversion_latents"][i]) for i in range(len(inv_ts))
+        )
     if "x_T" in tensors:
         alpha = _alpha(model, inversion.noisiest_timestep, steps)
         eps = (inversion.noisiest - alpha**0.5 * inversion.latents_clean) / (1 - alpha) ** 0.5
         report["eps_rel_l2"] = rel_l2(eps, tensors["eps"])
     if has_trajectory and result.trajectory is not None:
         ref_traj = tensors["trajectory"]
-        errors = [rel_l2(result.trajectory[i], ref_traj[i]) for i in range(min(len(result.trajectory), len(ref_traj)))]
+        errors = [
+            rel_l2(result.trajectory[i], ref_traj[i])
+            for i in range(min(len(result.trajectory), len(ref_traj)))
+        ]
         over = [i for i, e in enumerate(errors) if e > TRAJECTORY_THRESHOLD]
         report["first_step_over"] = over[0] if over else None
         report["trajectory_max_rel_l2"] = max(errors) if errors else None
@@ -110,10 +124,16 @@ def _alpha(model: Any, t: int, steps: int) -> torch.Tensor:
     return make_scheduler(model, steps).alphas_cumprod[t]
 
 
-def _inversion_trajectory(model: Any, latents_clean: torch.Tensor, spec: InversionSpec,
-                          timesteps: list[int]) -> list[torch.Tensor]:
-    """Our inverted latents at each of the fixture's inversion timesteps (one inversion per distinct step set)."""
-    keep = InversionSpec(prompt=spec.prompt, steps=spec.steps, edit_steps=spec.steps, reconstruct=False,
-                         batch_size=spec.batch_size)
+def _inversion_trajectory(
+    model: Any, latents_clean: torch.Tensor, spec: InversionSpec, timesteps: list[int]
+) -> list[torch.Tensor]:
+    """Our inverted latents at each of the fixture's inversion timesteps (re-inverting with S = T)."""
+    keep = InversionSpec(
+        prompt=spec.prompt,
+        steps=spec.steps,
+        edit_steps=spec.steps,
+        reconstruct=False,
+        batch_size=spec.batch_size,
+    )
     inv = invert(model, lambda: iter(()), keep, latents_clean=latents_clean)
     return [inv.latents_at(t) for t in timesteps]

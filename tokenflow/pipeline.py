@@ -20,19 +20,24 @@ from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
 from tokenflow.video import iter_frames, probe, write_video
 
 
-def invert_video(model: Model, video: str | Path, decode: DecodeSpec, spec: InversionSpec,
-                 hooks: JobHooks = NO_HOOKS) -> Inversion:
+def invert_video(
+    model: Model, video: str | Path, decode: DecodeSpec, spec: InversionSpec, hooks: JobHooks = NO_HOOKS
+) -> Inversion:
     """Decode (streaming), encode and invert a video file."""
     decode.validate()
     spec.validate()
     info = probe(video)
-    inversion = invert(model, lambda: iter_frames(video, decode), spec, fps=info.fps / decode.stride, hooks=hooks)
-    inversion.extra.update({
-        "decode": decode.canonical(),
-        "source_fps": [info.fps.numerator, info.fps.denominator],
-        "audio_start": decode.start / float(info.fps) if info.fps else 0.0,
-        "source_has_audio": info.has_audio,
-    })
+    inversion = invert(
+        model, lambda: iter_frames(video, decode), spec, fps=info.fps / decode.stride, hooks=hooks
+    )
+    inversion.extra.update(
+        {
+            "decode": decode.canonical(),
+            "source_fps": [info.fps.numerator, info.fps.denominator],
+            "audio_start": decode.start / float(info.fps) if info.fps else 0.0,
+            "source_has_audio": info.has_audio,
+        }
+    )
     return inversion
 
 
@@ -44,20 +49,31 @@ class EditOutput:
     result: EditResult
 
 
-def render_edit(model: Model, inversion: Inversion, spec: EditSpec, output: str | Path,
-                audio_source: str | Path | None = None, hooks: JobHooks = NO_HOOKS) -> EditOutput:
+def render_edit(
+    model: Model,
+    inversion: Inversion,
+    spec: EditSpec,
+    output: str | Path,
+    audio_source: str | Path | None = None,
+    hooks: JobHooks = NO_HOOKS,
+) -> EditOutput:
     """Edit and write an H.264 mp4 at the source frame rate, carrying the source's audio over."""
     result = edit(model, inversion, spec, hooks=hooks)
     frames = write_video(
-        output, iter_decoded(model, result.latents), inversion.fps,
-        audio_source=audio_source, crf=spec.crf, comment=output_comment(model, spec),
+        output,
+        iter_decoded(model, result.latents),
+        inversion.fps,
+        audio_source=audio_source,
+        crf=spec.crf,
+        comment=output_comment(model, spec),
         audio_start=float(inversion.extra.get("audio_start", 0.0)),
     )
     return EditOutput(Path(output), frames, inversion.fps, result)
 
 
-def preview_keyframes(model: Model, inversion: Inversion, spec: EditSpec,
-                      hooks: JobHooks = NO_HOOKS) -> tuple[list[int], Any]:
+def preview_keyframes(
+    model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = NO_HOOKS
+) -> tuple[list[int], Any]:
     return edit_keyframes(model, inversion, spec, hooks=hooks)
 
 

@@ -28,8 +28,15 @@ class JobHooks:
     check_cancelled: Callable[[], None] | None = None
     _started: float = field(default_factory=time.monotonic)
 
-    def report(self, stage: str, step: int, total: int, frames_done: int = 0, frames_total: int = 0,
-               message: str = "") -> None:
+    def report(
+        self,
+        stage: str,
+        step: int,
+        total: int,
+        frames_done: int = 0,
+        frames_total: int = 0,
+        message: str = "",
+    ) -> None:
         if self.check_cancelled is not None:
             self.check_cancelled()
         if self.progress is not None:

@@ -23,7 +23,7 @@ def check_timesteps_subset(edit_timesteps: Sequence[int], inversion_timesteps: S
     missing = sorted(set(int(t) for t in edit_timesteps) - set(int(t) for t in inversion_timesteps))
     if missing:
         raise SpecError(
-            f"editing timesteps {missing[:5]}{'...' if len(missing) > 5 else ''} are not inversion timesteps; "
+            f"editing timesteps {missing[:5]}{'...' if len(missing) > 5 else ''} are not inversion steps; "
             "use an inversion step count that is a multiple of the editing step count"
         )
 
@@ -45,14 +45,18 @@ def draw_keyframes(n_frames: int, interval: int, steps: int, seed: int) -> list[
     rest = n_frames - full * interval
     rows = []
     for _ in range(steps):
-        row = (torch.randint(interval, (full,), generator=g) + torch.arange(0, full * interval, interval)).tolist()
+        row = (
+            torch.randint(interval, (full,), generator=g) + torch.arange(0, full * interval, interval)
+        ).tolist()
         if rest:
             row.append(full * interval + int(torch.randint(rest, (1,), generator=g)))
         rows.append(row)
     return rows
 
 
-def validate_schedule(schedule: Sequence[Sequence[int]], n_frames: int, interval: int, steps: int) -> list[list[int]]:
+def validate_schedule(
+    schedule: Sequence[Sequence[int]], n_frames: int, interval: int, steps: int
+) -> list[list[int]]:
     """An explicit schedule must have one row per step and one keyframe inside each window."""
     rows = [list(map(int, r)) for r in schedule]
     windows = window_count(n_frames, interval)
@@ -69,4 +73,7 @@ def validate_schedule(schedule: Sequence[Sequence[int]], n_frames: int, interval
 
 def window_centres(n_frames: int, interval: int) -> list[int]:
     """A fixed keyframe per window (its middle frame): the keyframe preview uses these."""
-    return [w * interval + (min(interval, n_frames - w * interval)) // 2 for w in range(window_count(n_frames, interval))]
+    return [
+        w * interval + (min(interval, n_frames - w * interval)) // 2
+        for w in range(window_count(n_frames, interval))
+    ]
