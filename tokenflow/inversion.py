@@ -24,7 +24,7 @@ from tokenflow.encoding import batched, encode_frames, encode_prompt, iter_decod
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.models import Model
 from tokenflow.progress import NO_HOOKS, JobHooks
-from tokenflow.schedule import make_scheduler
+from tokenflow.schedule import check_timesteps_subset, make_scheduler
 from tokenflow.specs import InversionSpec
 
 FORMAT_VERSION = 1
@@ -192,11 +192,7 @@ def invert(
     edit_scheduler = make_scheduler(model, spec.edit_steps)
     edit_timesteps = [int(t) for t in edit_scheduler.timesteps]
     inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
-    missing = set(edit_timesteps) - set(inv_timesteps)
-    if missing:
-        raise SpecError(
-            f"editing timesteps {sorted(missing)[:5]} are not among the inversion's {spec.steps} steps"
-        )
+    check_timesteps_subset(edit_timesteps, inv_timesteps)
     alphas = scheduler.alphas_cumprod
     cond = encode_prompt(model, spec.prompt)
     x = latents_clean.clone()
