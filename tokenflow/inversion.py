@@ -235,6 +235,9 @@ def invert(
     if spec.reconstruct:
         recon = reconstruct(model, inversion, spec.steps, hooks, batch_size=bs)
         inversion.reconstruction_psnr = reconstruction_psnr(model, recon, frames())
+        # In latent space too: pixel PSNR also carries the VAE's own round-trip loss.
+        error = (recon - latents_clean).norm() / latents_clean.norm().clamp_min(1e-12)
+        inversion.extra["reconstruction_latent_rel_l2"] = float(error)
     return inversion
 
 
