@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -24,7 +25,7 @@ from tokenflow.encoding import batched, encode_frames, encode_prompt, iter_decod
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.models import Model
 from tokenflow.progress import NO_HOOKS, JobHooks
-from tokenflow.schedule import check_timesteps_subset, make_scheduler
+from tokenflow.schedule import check_timesteps_subset, compatible_steps, make_scheduler
 from tokenflow.specs import InversionSpec
 
 FORMAT_VERSION = 1
@@ -94,13 +95,25 @@ class Inversion:
         try:
             meta = json.loads(files[META_FILE])
             tensors = st_load(files[TENSORS_FILE])
-        except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        except (KeyError, ValueError, SafetensorError) as exc:
             raise SpecError(f"not a valid inversion artifact: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise SpecError("not a valid inversion artifact: its metadata is not a JSON object")
         if meta.get("format") != FORMAT_VERSION:
             raise SpecError(
                 f"inversion format {meta.get('format')} is not supported (expected {FORMAT_VERSION})"
             )
-        inv = cls(
+        try:
+            inv = cls._from_parts(meta, tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"not a valid inversion artifact: missing or malformed {exc}") from exc
+        if inv.source_latents.shape[:2] != (len(inv.edit_timesteps), inv.n_frames):
+            raise SpecError("inversion artifact is inconsistent: latents do not match its timesteps/frames")
+        return inv
+
+    @classmethod
+    def _from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Inversion:
+        return cls(
             latents_clean=tensors["latents_clean"],
             edit_timesteps=[int(t) for t in meta["edit_timesteps"]],
             source_latents=tensors["source_latents"],
@@ -116,9 +129,6 @@ class Inversion:
             reconstruction_psnr=meta.get("reconstruction_psnr"),
             extra=meta.get("extra", {}),
         )
-        if inv.source_latents.shape[:2] != (len(inv.edit_timesteps), inv.n_frames):
-            raise SpecError("inversion artifact is inconsistent: latents do not match its timesteps/frames")
-        return inv
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -185,14 +195,13 @@ def invert(
 ) -> Inversion:
     """Encode, DDIM-invert with the inversion prompt (guidance 1) and optionally reconstruct."""
     spec.validate()
+    scheduler = make_scheduler(model, spec.steps)
+    edit_timesteps = [int(t) for t in make_scheduler(model, spec.edit_steps).timesteps]
+    inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
+    check_timesteps_subset(edit_timesteps, inv_timesteps, lambda: compatible_steps(model, spec.edit_steps))
     if latents_clean is None:
         latents_clean = encode_video(model, frames(), hooks, batch_size=spec.batch_size)
     n = latents_clean.shape[0]
-    scheduler = make_scheduler(model, spec.steps)
-    edit_scheduler = make_scheduler(model, spec.edit_steps)
-    edit_timesteps = [int(t) for t in edit_scheduler.timesteps]
-    inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
-    check_timesteps_subset(edit_timesteps, inv_timesteps)
     alphas = scheduler.alphas_cumprod
     cond = encode_prompt(model, spec.prompt)
     x = latents_clean.clone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -19,13 +19,29 @@ def make_scheduler(model: Model, steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def check_timesteps_subset(edit_timesteps: Sequence[int], inversion_timesteps: Sequence[int]) -> None:
+def check_timesteps_subset(
+    edit_timesteps: Sequence[int],
+    inversion_timesteps: Sequence[int],
+    suggest: Callable[[], list[int]] | None = None,
+) -> None:
+    """The editor needs the inverted latent at every editing timestep: refuse before any compute."""
     missing = sorted(set(int(t) for t in edit_timesteps) - set(int(t) for t in inversion_timesteps))
     if missing:
-        raise SpecError(
-            f"editing timesteps {missing[:5]}{'...' if len(missing) > 5 else ''} are not inversion steps; "
-            "use an inversion step count that is a multiple of the editing step count"
-        )
+        shown = f"{missing[:5]}{'...' if len(missing) > 5 else ''}"
+        hint = f"; inversion step counts that work: {', '.join(map(str, suggest()))}" if suggest else ""
+        raise SpecError(f"editing timesteps {shown} are not among the inversion's timesteps{hint}")
+
+
+def compatible_steps(model: Model, edit_steps: int, limit: int = 6) -> list[int]:
+    """Inversion step counts whose timesteps include all `edit_steps` editing timesteps."""
+    wanted = {int(t) for t in make_scheduler(model, edit_steps).timesteps}
+    found = []
+    for steps in range(edit_steps, 1001, edit_steps):
+        if wanted <= {int(t) for t in make_scheduler(model, steps).timesteps}:
+            found.append(steps)
+            if len(found) == limit:
+                break
+    return found
 
 
 def window_count(n_frames: int, interval: int) -> int:

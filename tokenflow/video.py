@@ -91,6 +91,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def _video_stream(container: av.container.InputContainer, path: PathLike) -> av.VideoStream:
+    if container.format.name == "tty":  # FFmpeg renders text files (.txt, .nfo, ...) as ANSI-art "video"
+        raise VideoError(f"{Path(path).name!r} is a text file, not a video")
     if not container.streams.video:
         raise VideoError(f"{Path(path).name!r} has no video stream")
     stream = container.streams.video[0]

@@ -1,0 +1,547 @@
+"""`TokenFlowClient`: upload a video, run the stages or the Editor, download results.
+
+Every call can carry a deadline (the client's `timeout`, overridable per call); long calls stream job
+events to an optional `on_event` callback and return the final `Result` message. Any gRPC failure is
+raised as `ClientError` with the server's status code and message, so callers never handle raw
+`grpc.RpcError`s. If a callback raises (or the caller is interrupted), the running call is cancelled,
+which lets the server drop a job nobody waits for.
+
+Only grpc, grpc-health-checking and the generated ``tokenflow_pb`` code are imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mimetypes
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenflow_pb.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
+    common_pb2,
+    editor_pb2,
+    editor_pb2_grpc,
+    inversion_pb2,
+    inversion_pb2_grpc,
+    keyframes_pb2,
+    keyframes_pb2_grpc,
+    propagation_pb2,
+    propagation_pb2_grpc,
+)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "CHANNEL_OPTIONS",
+    "STAGES",
+    "ClientError",
+    "TokenFlowClient",
+    "decode_spec",
+    "edit_spec",
+    "inversion_spec",
+    "is_digest",
+]
+
+CHUNK_SIZE = 1 << 20
+"""Upload chunk size (1 MiB): the API's per-message limit for payload pieces."""
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # Download chunks are 1 MiB and results are small; 16 MiB leaves room without being unbounded.
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    # Detect a dead server during long, quiet jobs. Five minutes matches gRPC servers' default minimum
+    # ping interval, so a server with default settings never answers our pings with GOAWAY.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+
+STAGES = ("inversion", "keyframes", "propagation")
+
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+_METHODS: dict[str, int] = {
+    "tokenflow": common_pb2.EDIT_METHOD_TOKENFLOW,
+    "sdedit": common_pb2.EDIT_METHOD_SDEDIT,
+    "per-frame": common_pb2.EDIT_METHOD_PER_FRAME,
+    "per_frame": common_pb2.EDIT_METHOD_PER_FRAME,
+    "reconstruct": common_pb2.EDIT_METHOD_RECONSTRUCT,
+}
+_WEIGHTINGS: dict[str, int] = {
+    "sigmoid": common_pb2.PROPAGATION_WEIGHTING_SIGMOID,
+    "linear": common_pb2.PROPAGATION_WEIGHTING_LINEAR,
+}
+
+JobEventCallback = Callable[[common_pb2.JobEvent], None]
+EditorEventCallback = Callable[[editor_pb2.EditorEvent], None]
+ByteProgress = Callable[[int, int], None]
+"""Called with (bytes done, bytes in total; 0 when unknown) as a transfer advances."""
+
+
+class ClientError(Exception):
+    """A call failed: `code` is the gRPC status code, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = " ".join((message or "").split()) or code.name.lower().replace("_", " ")
+        super().__init__(f"{code.name}: {self.message}")
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        details = error.details() if callable(getattr(error, "details", None)) else None
+        if not isinstance(code, grpc.StatusCode):
+            code = grpc.StatusCode.UNKNOWN
+        return cls(code, details or str(error))
+
+
+def is_digest(value: str) -> bool:
+    """True for a content address: 64 lowercase hex characters."""
+    return bool(_DIGEST_RE.match(value))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spec builders: plain keyword arguments -> proto messages. Unset optional fields stay unset, so the server
+# applies its documented defaults (and can tell "default" from an explicit value).
+
+
+def decode_spec(
+    start: int = 0,
+    max_frames: int = 0,
+    stride: int | None = None,
+    size: tuple[int, int] | None = None,
+    target_area: int | None = None,
+) -> common_pb2.DecodeSpec:
+    """Frame range and size; `size` is (width, height), None = automatic (about `target_area` pixels)."""
+    spec = common_pb2.DecodeSpec(start=start, max_frames=max_frames)
+    if stride is not None:
+        spec.stride = stride
+    if size is not None:
+        spec.width, spec.height = int(size[0]), int(size[1])
+    if target_area is not None:
+        spec.target_area = target_area
+    return spec
+
+
+def inversion_spec(
+    prompt: str = "",
+    steps: int | None = None,
+    edit_steps: int | None = None,
+    reconstruct: bool | None = None,
+    batch_size: int | None = None,
+) -> common_pb2.InversionSpec:
+    """DDIM inversion settings: `steps` inversion steps S, keeping `edit_steps` T (S a multiple of T)."""
+    spec = common_pb2.InversionSpec(prompt=prompt)
+    if steps is not None:
+        spec.steps = steps
+    if edit_steps is not None:
+        spec.edit_steps = edit_steps
+    if reconstruct is not None:
+        spec.reconstruct = reconstruct
+    if batch_size is not None:
+        spec.batch_size = batch_size
+    return spec
+
+
+def edit_spec(
+    prompt: str,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    method: str | int | None = None,
+    pnp_attn_t: float | None = None,
+    pnp_f_t: float | None = None,
+    keyframe_interval: int | None = None,
+    chunk_size: int | None = None,
+    sdedit_start: float | None = None,
+    crf: int | None = None,
+    keyframe_schedule: Sequence[Sequence[int]] | None = None,
+    propagation_weighting: str | int | None = None,
+) -> common_pb2.EditSpec:
+    """One edit. `method` is "tokenflow", "sdedit", "per-frame", "reconstruct" (or the enum value)."""
+    spec = common_pb2.EditSpec(prompt=prompt)
+    optional: dict[str, Any] = {
+        "negative_prompt": negative_prompt,
+        "guidance_scale": guidance,
+        "pnp_attn_t": pnp_attn_t,
+        "pnp_f_t": pnp_f_t,
+        "keyframe_interval": keyframe_interval,
+        "chunk_size": chunk_size,
+        "sdedit_start": sdedit_start,
+        "crf": crf,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            setattr(spec, name, value)
+    if seed is not None:
+        spec.seed = seed
+    if method is not None:
+        spec.method = _enum_value(method, _METHODS, "method")
+    if propagation_weighting is not None:
+        spec.propagation_weighting = _enum_value(propagation_weighting, _WEIGHTINGS, "propagation_weighting")
+    for row in keyframe_schedule or ():
+        spec.keyframe_schedule.add(frames=[int(f) for f in row])
+    return spec
+
+
+def _enum_value(value: str | int, names: dict[str, int], what: str) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return names[value.strip().lower()]
+    except KeyError:
+        choices = ", ".join(sorted({k.replace("_", "-") for k in names}))
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The client
+
+
+class TokenFlowClient:
+    """Client of one TokenFlow server (or load balancer) at `target` ("host:port").
+
+    `timeout` is the default deadline in seconds of every call (None = no deadline); each method takes
+    its own `timeout` to override it. Use as a context manager or call `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._artifacts = artifacts_pb2_grpc.ArtifactsStub(self.channel)
+        self._inversion = inversion_pb2_grpc.InversionStub(self.channel)
+        self._keyframes = keyframes_pb2_grpc.KeyframesStub(self.channel)
+        self._propagation = propagation_pb2_grpc.PropagationStub(self.channel)
+        self._editor = editor_pb2_grpc.EditorStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TokenFlowClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected; raises ClientError(UNAVAILABLE) after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ClientError(
+                grpc.StatusCode.UNAVAILABLE, f"no server answered at {self.target} within {timeout:g} s"
+            ) from None
+
+    # -- Artifacts -----------------------------------------------------------------------------------------
+
+    def upload_ref(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        kind: str = "video",
+        filename: str | None = None,
+        progress: ByteProgress | None = None,
+        timeout: float | None = None,
+    ) -> artifacts_pb2.ArtifactRef:
+        """Upload a file (path) or bytes; returns the server's ArtifactRef (digest, size, existed)."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            size, sha = len(data), hashlib.sha256(data).hexdigest()
+            name = filename or ""
+
+            def pieces() -> Iterator[bytes]:
+                for i in range(0, len(data), CHUNK_SIZE):
+                    yield data[i : i + CHUNK_SIZE]
+
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            size, sha = _file_sha256(path)
+            name = filename or path.name
+
+            def pieces() -> Iterator[bytes]:
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK_SIZE):
+                        yield chunk
+
+        media_type = (mimetypes.guess_type(name)[0] or "") if name else ""
+        header = artifacts_pb2.UploadHeader(
+            kind=kind, filename=name, total_size=size, sha256=sha, media_type=media_type
+        )
+
+        def requests() -> Iterator[artifacts_pb2.UploadRequest]:
+            yield artifacts_pb2.UploadRequest(header=header)
+            sent = 0
+            for chunk in pieces():
+                yield artifacts_pb2.UploadRequest(chunk=chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+
+        with _translate_errors():
+            return self._artifacts.Upload(requests(), timeout=self._timeout(timeout))
+
+    def upload(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        kind: str = "video",
+        filename: str | None = None,
+        progress: ByteProgress | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Upload a file (path) or bytes in 1 MiB chunks with its sha256; returns its digest."""
+        ref = self.upload_ref(source, kind=kind, filename=filename, progress=progress, timeout=timeout)
+        return ref.digest
+
+    def download(
+        self,
+        digest: str,
+        dest_path: str | os.PathLike[str],
+        name: str = "",
+        progress: ByteProgress | None = None,
+        timeout: float | None = None,
+    ) -> Path:
+        """Download one file of an artifact ("" = its primary file) to `dest_path`; returns the path.
+
+        If `dest_path` is an existing directory, the server's suggested file name is used inside it.
+        The bytes go to a temporary file next to the destination, are checked against the header's
+        size and sha256, and only then renamed into place: a failed download leaves nothing behind.
+        """
+        dest = Path(dest_path)
+        request = artifacts_pb2.DownloadRequest(digest=digest, name=name)
+        tmp_path: Path | None = None
+        with _translate_errors():
+            call = self._artifacts.Download(request, timeout=self._timeout(timeout))
+            try:
+                first = next(call, None)
+                if first is None or first.WhichOneof("payload") != "header":
+                    raise ClientError(grpc.StatusCode.INTERNAL, "the download did not start with a header")
+                header = first.header
+                if dest.is_dir():
+                    dest = dest / _safe_filename(header.filename or header.name or digest)
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+                tmp_path = Path(tmp)
+                sha = hashlib.sha256()
+                received = 0
+                with os.fdopen(fd, "wb") as out:
+                    for message in call:
+                        if message.WhichOneof("payload") != "chunk":
+                            continue
+                        out.write(message.chunk)
+                        sha.update(message.chunk)
+                        received += len(message.chunk)
+                        if progress is not None:
+                            progress(received, header.size)
+                if received != header.size:
+                    raise ClientError(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"download of {digest}/{header.name} ended after {received} of {header.size} bytes",
+                    )
+                if header.sha256 and sha.hexdigest() != header.sha256:
+                    raise ClientError(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"download of {digest}/{header.name} does not match its sha256 "
+                        f"({sha.hexdigest()} != {header.sha256}); nothing was written, retry",
+                    )
+                os.replace(tmp_path, dest)
+                tmp_path = None
+                return dest
+            finally:
+                call.cancel()  # no-op when the stream has finished; stops the server otherwise
+                if tmp_path is not None:
+                    tmp_path.unlink(missing_ok=True)
+
+    def stat(self, digest: str, timeout: float | None = None) -> artifacts_pb2.ArtifactInfo:
+        """Describe an artifact (kind, files, metadata JSON) without transferring it."""
+        with _translate_errors():
+            request = artifacts_pb2.StatRequest(digest=digest)
+            return self._artifacts.Stat(request, timeout=self._timeout(timeout))
+
+    # -- Stages --------------------------------------------------------------------------------------------
+
+    def invert(
+        self,
+        video_digest: str,
+        decode: common_pb2.DecodeSpec | None = None,
+        inversion: common_pb2.InversionSpec | None = None,
+        on_event: JobEventCallback | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.Result:
+        """DDIM-invert an uploaded video; returns the Result (its digest feeds keyframes/propagate)."""
+        request = inversion_pb2.InvertRequest(video_digest=video_digest, decode=decode, inversion=inversion)
+        return _run_job(self._inversion.Invert, request, self._timeout(timeout), on_event)
+
+    def keyframes(
+        self,
+        inversion_digest: str,
+        edit: common_pb2.EditSpec | str,
+        on_event: JobEventCallback | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.Result:
+        """Keyframe preview of an edit (a prompt or an EditSpec); the images are files of the result."""
+        request = keyframes_pb2.KeyframesRequest(inversion_digest=inversion_digest, edit=_as_edit(edit))
+        return _run_job(self._keyframes.EditKeyframes, request, self._timeout(timeout), on_event)
+
+    def propagate(
+        self,
+        inversion_digest: str,
+        edit: common_pb2.EditSpec | str,
+        on_event: JobEventCallback | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.Result:
+        """Full TokenFlow edit of every frame; the video is the result's primary file."""
+        request = propagation_pb2.PropagateRequest(inversion_digest=inversion_digest, edit=_as_edit(edit))
+        return _run_job(self._propagation.Propagate, request, self._timeout(timeout), on_event)
+
+    def cancel(self, stage: str, job_id: str, timeout: float | None = None) -> common_pb2.CancelResponse:
+        """Cancel a job of `stage` ("inversion", "keyframes" or "propagation") for every caller."""
+        stubs = {"inversion": self._inversion, "keyframes": self._keyframes, "propagation": self._propagation}
+        if stage not in stubs:
+            raise ValueError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+        with _translate_errors():
+            request = common_pb2.CancelRequest(job_id=job_id)
+            return stubs[stage].Cancel(request, timeout=self._timeout(timeout))
+
+    # -- Editor --------------------------------------------------------------------------------------------
+
+    def edit(
+        self,
+        video: str | os.PathLike[str],
+        edits: str | common_pb2.EditSpec | Iterable[str | common_pb2.EditSpec],
+        decode: common_pb2.DecodeSpec | None = None,
+        inversion: common_pb2.InversionSpec | None = None,
+        keyframes_only: bool = False,
+        on_event: EditorEventCallback | None = None,
+        timeout: float | None = None,
+    ) -> list[common_pb2.Result]:
+        """Edit a video (a path to upload, or the digest of an uploaded one) under one or many edits.
+
+        One inversion is shared by all edits. Returns one Result per edit, in the order given;
+        `on_event` sees every EditorEvent (edit_index -1 is the inversion).
+        """
+        video_digest = self._video_digest(video, timeout)
+        specs = [_as_edit(e) for e in ([edits] if isinstance(edits, (str, common_pb2.EditSpec)) else edits)]
+        if not specs:
+            raise ValueError("give at least one prompt or EditSpec")
+        request = editor_pb2.EditorRequest(
+            video_digest=video_digest,
+            decode=decode,
+            inversion=inversion,
+            edits=specs,
+            keyframes_only=keyframes_only,
+        )
+        results: dict[int, common_pb2.Result] = {}
+        with _translate_errors():
+            call = self._editor.Edit(request, timeout=self._timeout(timeout))
+            try:
+                for event in call:
+                    if on_event is not None:
+                        on_event(event)
+                    if event.edit_index >= 0 and event.event.WhichOneof("event") == "result":
+                        results[event.edit_index] = event.event.result
+            finally:
+                call.cancel()
+        missing = [i for i in range(len(specs)) if i not in results]
+        if missing:
+            raise ClientError(
+                grpc.StatusCode.INTERNAL, f"the server ended the edit without results for edits {missing}"
+            )
+        return [results[i] for i in range(len(specs))]
+
+    def _video_digest(self, video: str | os.PathLike[str], timeout: float | None) -> str:
+        """A digest passes through; a path is uploaded first."""
+        if isinstance(video, str) and is_digest(video) and not os.path.exists(video):
+            return video
+        return self.upload(video, timeout=timeout)
+
+    # -- Health --------------------------------------------------------------------------------------------
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """grpc.health.v1 status of `service` ("" = the whole server): "SERVING", "NOT_SERVING", ..."""
+        with _translate_errors():
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextlib.contextmanager
+def _translate_errors() -> Iterator[None]:
+    """Turn grpc.RpcError into ClientError, keeping the status code and the server's message."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise ClientError.from_rpc_error(e) from None
+
+
+def _run_job(
+    method: Callable[..., Any],
+    request: Any,
+    timeout: float | None,
+    on_event: JobEventCallback | None,
+) -> common_pb2.Result:
+    """Call a stage's streaming job method; feed events to `on_event`; return the final Result."""
+    result: common_pb2.Result | None = None
+    with _translate_errors():
+        call = method(request, timeout=timeout)
+        try:
+            for event in call:
+                if on_event is not None:
+                    on_event(event)
+                if event.WhichOneof("event") == "result":
+                    result = event.result
+        finally:
+            call.cancel()
+    if result is None:
+        raise ClientError(grpc.StatusCode.INTERNAL, "the job stream ended without a result")
+    return result
+
+
+def _as_edit(edit: str | common_pb2.EditSpec) -> common_pb2.EditSpec:
+    if isinstance(edit, common_pb2.EditSpec):
+        return edit
+    if isinstance(edit, str):
+        return edit_spec(edit)
+    raise TypeError(f"an edit is a prompt (str) or an EditSpec message, not {type(edit).__name__}")
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def _safe_filename(name: str) -> str:
+    """A server-suggested name reduced to a plain file name (no directories, no hidden files)."""
+    base = os.path.basename(name.replace("\\", "/")).strip().lstrip(".")
+    return base or "download.bin"

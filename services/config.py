@@ -1,0 +1,174 @@
+"""Server configuration: what one `tokenflow serve` process hosts and how.
+
+One dataclass, built from command-line flags by `services.server.main` or directly by tests, so the
+same code runs all-in-one (``--services all``) or as one stage per deployment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES: tuple[str, ...] = ("inversion", "keyframes", "propagation")
+"""The GPU stages, each its own gRPC service sharing one model per process."""
+SERVICES: tuple[str, ...] = (*STAGES, "editor", "artifacts")
+"""Every service name `--services` accepts; ``artifacts`` is always served."""
+
+DEFAULT_CACHE_DIR = Path("~/.cache/tokenflow-service").expanduser()
+GiB = 1 << 30
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a human size: ``"50GB"`` (10^9), ``"512MiB"`` (2^20), ``"1.5G"``, ``"1048576"``.
+
+    Decimal units (kB, MB, GB, TB) and binary ones (KiB, MiB, GiB, TiB; also the Kubernetes-style Ki, Mi,
+    Gi, Ti) are both accepted, case-insensitively, so the same string works here and in manifests.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative, got {text}")
+        return text
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read {text!r} as a size: use a number with an optional unit, e.g. 20GB, 512MiB, 1048576"
+        )
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value):
+        raise ValueError(f"size {text!r} is too large")
+    return int(value)
+
+
+def parse_services(text: str | Iterable[str]) -> frozenset[str]:
+    """``"all"`` or a comma list (``"inversion,editor"``) -> service names; ``artifacts`` is always added."""
+    items = [s.strip().lower() for s in (text.split(",") if isinstance(text, str) else text)]
+    items = [s for s in items if s]
+    if not items:
+        raise ValueError("--services needs at least one service name (or 'all')")
+    if "all" in items:
+        return frozenset(SERVICES)
+    unknown = sorted(set(items) - set(SERVICES))
+    if unknown:
+        raise ValueError(
+            f"unknown service(s) {', '.join(unknown)}: choose from all, {', '.join(SERVICES[:-1])}"
+        )
+    return frozenset(items) | {"artifacts"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server process needs; defaults are the embedded single-process setup."""
+
+    services: frozenset[str] = frozenset(SERVICES)
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = 9090
+    """Prometheus /metrics port; 0 picks a free one, None disables the endpoint."""
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_size_bytes: int = 20 * 10**9
+    shared_store: Path | None = None
+    """Shared tier on a volume many machines mount (plain files, no SQLite); None = local only."""
+    model: str = "tiny"
+    device: str | None = None
+    dtype: str | None = None
+    inversion_addr: str | None = None
+    keyframes_addr: str | None = None
+    propagation_addr: str | None = None
+    """Where the Editor finds each stage (any gRPC target); None = this server itself."""
+    max_queue: int = 8
+    """Jobs waiting per stage beyond the running one; past it requests get RESOURCE_EXHAUSTED."""
+    job_grace_seconds: float = 120.0
+    """A job with no caller attached for this long is cancelled (a caller may re-attach until then)."""
+    max_upload_bytes: int = 2 * GiB
+    max_workers: int = 64
+    """gRPC handler threads. Each streaming call holds one while it waits, so keep plenty for health."""
+    shutdown_grace_seconds: float | None = None
+    """On SIGTERM, how long running jobs may finish before they are cancelled; None = job_grace_seconds."""
+    preload_model: bool = True
+    """Load the model in the background at start-up so the first request does not pay for it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "services", parse_services(self.services))
+        object.__setattr__(self, "cache_dir", Path(os.path.expanduser(str(self.cache_dir))))
+        if self.shared_store is not None:
+            object.__setattr__(self, "shared_store", Path(os.path.expanduser(str(self.shared_store))))
+        self.validate()
+
+    def validate(self) -> ServerConfig:
+        """Raise ValueError with the flag to fix for anything out of range."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0 = pick a free port), got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, or -1 to disable; got {self.metrics_port}")
+        if self.cache_size_bytes <= 0:
+            raise ValueError("--cache-size must be positive, e.g. 20GB")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if not (self.job_grace_seconds >= 0 and math.isfinite(self.job_grace_seconds)):
+            raise ValueError(f"--job-grace-seconds must be >= 0, got {self.job_grace_seconds}")
+        if self.shutdown_grace_seconds is not None and not self.shutdown_grace_seconds >= 0:
+            raise ValueError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_seconds}")
+        if self.max_upload_bytes <= 0:
+            raise ValueError("--max-upload-bytes must be positive")
+        if self.max_workers < 8:
+            raise ValueError(
+                f"max_workers must be >= 8 so health checks answer while jobs run, got {self.max_workers}"
+            )
+        if not self.model:
+            raise ValueError("--model needs a preset name (tiny, sd15-arch, sd21-arch) or a diffusers folder")
+        if "editor" in self.services:
+            for stage in STAGES:
+                if stage not in self.services and not self.stage_addr(stage):
+                    raise ValueError(
+                        f"the editor needs the {stage} stage: serve it here too, or pass --{stage}-addr "
+                        "HOST:PORT (any gRPC target, e.g. dns:///inversion:50051)"
+                    )
+        return self
+
+    def stage_addr(self, stage: str) -> str | None:
+        """The configured address of a stage for the Editor (None = this server)."""
+        return {
+            "inversion": self.inversion_addr,
+            "keyframes": self.keyframes_addr,
+            "propagation": self.propagation_addr,
+        }[stage]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The GPU stages this process hosts, in pipeline order."""
+        return tuple(s for s in STAGES if s in self.services)
+
+    @property
+    def shutdown_grace(self) -> float:
+        return self.job_grace_seconds if self.shutdown_grace_seconds is None else self.shutdown_grace_seconds
+
+    def describe_services(self) -> str:
+        """Stable, human-readable list for the start-up line, e.g. ``inversion,editor,artifacts``."""
+        return ",".join(s for s in SERVICES if s in self.services)

@@ -1,0 +1,290 @@
+"""The Inversion stage: decode an uploaded video and DDIM-invert it, once per clip and settings.
+
+Besides the servicer, this module owns the inversion artifact: its key, its files (the library's
+``inversion.safetensors`` + ``inversion.json``) and its metadata. The metadata records the recipe
+(video digest, decode and inversion specs) so that an edit stage which finds a stored inversion corrupt
+can rebuild it under the same key instead of serving bad data or failing (`load_inversion`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.jobs import JobContext
+from services.metrics import Metrics
+from services.model_host import ModelHost
+from services.stages import (
+    JobOutput,
+    JobProgress,
+    Plan,
+    StageServicer,
+    already_stored,
+    check_digest,
+    check_edit_against_inversion,
+    common_warnings,
+    decode_spec_from_proto,
+    finite_or_none,
+    inversion_spec_from_proto,
+    model_meta,
+)
+from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, artifact_key
+from tokenflow.errors import SpecError
+from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
+from tokenflow.models import Model
+from tokenflow.pipeline import invert_video
+from tokenflow.schedule import make_scheduler
+from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
+from tokenflow.video import probe
+from tokenflow_pb.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+KIND = "inversion"
+SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
+
+
+def inversion_key(video_digest: str, decode: DecodeSpec, spec: InversionSpec, fingerprint: str) -> str:
+    """Content address of the inversion of one video with these settings on this model."""
+    return artifact_key(
+        KIND,
+        {
+            "video": video_digest,
+            "decode": decode.canonical(),
+            "inversion": spec.canonical(),
+            "model": fingerprint,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class InversionRecipe:
+    """Everything that determines an inversion except the model: enough to rebuild it."""
+
+    video_digest: str
+    decode: DecodeSpec
+    spec: InversionSpec
+
+    def key(self, fingerprint: str) -> str:
+        return inversion_key(self.video_digest, self.decode, self.spec, fingerprint)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> InversionRecipe:
+        """The recipe kept in an inversion's metadata; KeyError, TypeError or ValueError if unreadable."""
+        decode = dict(meta["decode"])
+        decode["size"] = tuple(decode["size"]) if decode.get("size") else None
+        return cls(str(meta["video_digest"]), DecodeSpec(**decode), InversionSpec(**meta["inversion"]))
+
+
+def video_path(video: Artifact) -> Path:
+    """Verified path of an uploaded video's source file (`source.mp4` or `source.bin`), for the decoder."""
+    name = video.manifest.primary or video.names()[0]
+    return video.path(name)
+
+
+def _missing_video(digest: str) -> ArtifactNotFound:
+    return ArtifactNotFound(
+        f"no uploaded video {digest} on this server: upload it with Artifacts.Upload first "
+        "(it may also have been evicted from the cache: upload it again)"
+    )
+
+
+def compute_inversion(
+    store: ArtifactStore,
+    host: ModelHost,
+    metrics: Metrics,
+    recipe: InversionRecipe,
+    key: str,
+    progress: JobProgress,
+) -> tuple[Manifest, Inversion]:
+    """Decode, invert and publish under `key`. Used by this stage and by edit stages rebuilding one."""
+    with store.pin(recipe.video_digest):
+        video = store.get(recipe.video_digest, kind="video")
+        if video is None:
+            raise _missing_video(recipe.video_digest)
+        path = video_path(video)
+        with host.use(progress.check_cancelled, progress.waiting) as model:
+            progress.start()
+            inversion = invert_video(model, path, recipe.decode, recipe.spec, progress.hooks())
+        meta = {
+            **model_meta(host),
+            "video_digest": recipe.video_digest,
+            "decode": recipe.decode.canonical(),
+            "inversion": recipe.spec.canonical(),
+            "frames": inversion.n_frames,
+            "fps": [inversion.fps.numerator, inversion.fps.denominator],
+            "width": inversion.width,
+            "height": inversion.height,
+            "reconstruction_psnr": finite_or_none(inversion.reconstruction_psnr),
+            "steps": recipe.spec.steps,
+            "edit_steps": recipe.spec.edit_steps,
+            "source_has_audio": bool(inversion.extra.get("source_has_audio", False)),
+        }
+        manifest = store.put(KIND, key, inversion.to_files(), meta=meta)
+    metrics.inversions_total.inc()
+    log.info("inversion %s: %d frames, psnr %s", key[:12], inversion.n_frames, inversion.reconstruction_psnr)
+    return manifest, inversion
+
+
+def check_timesteps(model: Model, spec: InversionSpec) -> None:
+    """Refuse up front step counts whose editing timesteps the model's scheduler would not visit.
+
+    `InversionSpec.validate` only checks divisibility; the scheduler's spacing can still miss (1000
+    training steps with S=6 visit 0, 166, ..., 830, which does not contain T=2's 500).
+    """
+    if _lines_up(model, spec.steps, spec.edit_steps):
+        return
+    candidates = sorted(range(spec.edit_steps, 1001, spec.edit_steps), key=lambda s: abs(s - spec.steps))
+    good = sorted(s for s in candidates[:40] if _lines_up(model, s, spec.edit_steps))[:4]
+    hint = f"try inversion.steps {' or '.join(map(str, good))}" if good else "try other step counts"
+    raise SpecError(
+        f"inversion.steps ({spec.steps}) and inversion.edit_steps ({spec.edit_steps}) do not line up on this "
+        f"model's schedule: some editing timesteps would not be inversion timesteps; {hint}"
+    )
+
+
+def _lines_up(model: Model, steps: int, edit_steps: int) -> bool:
+    edit_timesteps = {int(t) for t in make_scheduler(model, edit_steps).timesteps}
+    return edit_timesteps <= {int(t) for t in make_scheduler(model, steps).timesteps}
+
+
+def inversion_weights(spec: InversionSpec) -> dict[str, float]:
+    """Share of each library phase in an inversion job (for the ETA)."""
+    if spec.reconstruct:
+        return {"encode": 0.05, "invert": 0.45, "reconstruct": 0.5}
+    return {"encode": 0.1, "invert": 0.9}
+
+
+def find_inversion(store: ArtifactStore, digest: str) -> Artifact:
+    """The stored inversion named by a request (NOT_FOUND / INVALID_ARGUMENT with what to do)."""
+    check_digest(digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
+    art = store.get(digest, kind=KIND)
+    if art is None:
+        raise ArtifactNotFound(
+            f"no inversion {digest} on this server: run Inversion.Invert first "
+            "(it may also have been evicted from the cache: invert again, it gets the same digest)"
+        )
+    return art
+
+
+def load_inversion(
+    store: ArtifactStore,
+    host: ModelHost,
+    metrics: Metrics,
+    digest: str,
+    meta: dict[str, Any],
+    progress: JobProgress,
+) -> Inversion:
+    """Read a stored inversion (verified); if it is gone or corrupt, rebuild it from its recipe.
+
+    The caller pins `digest`. `meta` is the artifact's metadata as seen when the request arrived.
+    """
+    art = store.get(digest, kind=KIND)
+    if art is not None:
+        try:
+            return Inversion.from_files({name: art.read(name) for name in (TENSORS_FILE, META_FILE)})
+        except CorruptArtifact as e:
+            log.warning("inversion %s is corrupt (%s): rebuilding it", digest[:12], e)
+    try:
+        recipe = InversionRecipe.from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactNotFound(f"inversion {digest} is gone and cannot be rebuilt ({e}): invert again") from e
+    if recipe.key(host.fingerprint) != digest:
+        raise ArtifactNotFound(f"inversion {digest} is gone and was made differently: invert the video again")
+    progress.note("rebuild", "the stored inversion was lost or corrupt: inverting the video again")
+    rebuild = progress.child(inversion_weights(recipe.spec))
+    _, inversion = compute_inversion(store, host, metrics, recipe, digest, rebuild)
+    return inversion
+
+
+@dataclass
+class InversionInput:
+    """The inversion an edit request names: checked before queueing, loaded (or rebuilt) by the job."""
+
+    digest: str
+    meta: dict[str, Any] | None = None
+
+    def precheck(self, store: ArtifactStore, spec: EditSpec, fingerprint: str, preview: bool) -> None:
+        art = find_inversion(store, self.digest)
+        check_edit_against_inversion(spec, art.meta, fingerprint, self.digest, preview)
+        self.meta = dict(art.meta)
+
+    def load(
+        self, store: ArtifactStore, host: ModelHost, metrics: Metrics, progress: JobProgress
+    ) -> Inversion:
+        """The inversion's tensors; the caller pins `digest` around this and the use of the result."""
+        if self.meta is None:  # a job that re-attached callers skipped the precheck
+            self.meta = dict(find_inversion(store, self.digest).meta)
+        return load_inversion(store, host, metrics, self.digest, self.meta, progress)
+
+
+class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
+    """tokenflow.v1.Inversion: Invert (streamed job) and Cancel."""
+
+    stage = "inversion"
+    kind = KIND
+    service_name = SERVICE_NAME
+
+    def Invert(  # noqa: N802 - gRPC method name
+        self, request: inversion_pb2.InvertRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.JobEvent]:
+        return self.stream("Invert", context, lambda: self._plan(request))
+
+    def Cancel(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.CancelRequest, context: grpc.ServicerContext
+    ) -> common_pb2.CancelResponse:
+        return self.cancel(request, context)
+
+    def _plan(self, request: inversion_pb2.InvertRequest) -> Plan:
+        check_digest(request.video_digest, "video_digest", "upload the video with Artifacts.Upload first")
+        recipe = InversionRecipe(
+            request.video_digest,
+            decode_spec_from_proto(request.decode),
+            inversion_spec_from_proto(request.inversion),
+        )
+        key = recipe.key(self.model_host.fingerprint)
+        check_timesteps(self.model_host.get(), recipe.spec)
+        return Plan(key, lambda: self._precheck(recipe), lambda ctx: self._run(ctx, recipe, key))
+
+    def _precheck(self, recipe: InversionRecipe) -> None:
+        """Fail fast, before a queue slot is taken: the video exists and the decoder can read it."""
+        with self.store.pin(recipe.video_digest):
+            video = self.store.get(recipe.video_digest, kind="video")
+            if video is None:
+                raise _missing_video(recipe.video_digest)
+            probe(video_path(video))  # VideoError (not a video) or TooLargeError (frame too large)
+
+    def _run(self, ctx: JobContext, recipe: InversionRecipe, key: str) -> JobOutput:
+        stored = already_stored(self.store, key, KIND)
+        if stored is not None:
+            return stored
+        progress = JobProgress(ctx, self.stage, self.metrics, inversion_weights(recipe.spec))
+        manifest, _ = compute_inversion(self.store, self.model_host, self.metrics, recipe, key, progress)
+        return JobOutput(manifest, computed=True)
+
+    def result(self, manifest: Manifest, cache_hit: bool) -> common_pb2.Result:
+        meta = manifest.meta
+        fps = meta["fps"]
+        info = common_pb2.InversionInfo(
+            frames=int(meta["frames"]),
+            fps=fps[0] / fps[1],
+            width=int(meta["width"]),
+            height=int(meta["height"]),
+            steps=int(meta["steps"]),
+            edit_steps=int(meta["edit_steps"]),
+            video_digest=str(meta["video_digest"]),
+        )
+        if meta.get("reconstruction_psnr") is not None:
+            info.reconstruction_psnr_db = float(meta["reconstruction_psnr"])
+        result = self.base_result(manifest, cache_hit, common_warnings(meta, "reconstruction_psnr"))
+        result.inversion.CopyFrom(info)
+        return result
+
+
+def add_to_server(server: grpc.Server, servicer: InversionServicer) -> None:
+    inversion_pb2_grpc.add_InversionServicer_to_server(servicer, server)

@@ -1,0 +1,123 @@
+"""The Keyframes stage: a fast preview of an edit (only one keyframe per window is edited, jointly).
+
+The artifact holds one PNG per keyframe (``keyframe_0003.png`` for frame 3) and ``keyframes.json`` with
+the indices; it has no primary file, so clients download each image by name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import cv2
+import grpc
+import numpy as np
+
+from services.inversion import InversionInput
+from services.jobs import JobContext
+from services.stages import (
+    JobOutput,
+    JobProgress,
+    Plan,
+    StageServicer,
+    already_stored,
+    check_digest,
+    common_warnings,
+    edit_key,
+    edit_spec_from_proto,
+    model_meta,
+)
+from services.store import Manifest
+from tokenflow.editing import edit_keyframes
+from tokenflow.errors import ModelError
+from tokenflow.specs import EditSpec
+from tokenflow_pb.v1 import common_pb2, keyframes_pb2, keyframes_pb2_grpc
+
+KIND = "keyframes"
+SERVICE_NAME = keyframes_pb2.DESCRIPTOR.services_by_name["Keyframes"].full_name
+INDEX_FILE = "keyframes.json"
+
+
+def image_name(frame_index: int) -> str:
+    return f"keyframe_{frame_index:04d}.png"
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    """uint8 RGB [H,W,3] -> PNG bytes (OpenCV writes BGR)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ModelError("could not encode a keyframe as PNG")
+    return buf.tobytes()
+
+
+class KeyframesServicer(StageServicer, keyframes_pb2_grpc.KeyframesServicer):
+    """tokenflow.v1.Keyframes: EditKeyframes (streamed job) and Cancel."""
+
+    stage = "keyframes"
+    kind = KIND
+    service_name = SERVICE_NAME
+
+    def EditKeyframes(  # noqa: N802 - gRPC method name
+        self, request: keyframes_pb2.KeyframesRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.JobEvent]:
+        return self.stream("EditKeyframes", context, lambda: self._plan(request))
+
+    def Cancel(  # noqa: N802 - gRPC method name
+        self, request: common_pb2.CancelRequest, context: grpc.ServicerContext
+    ) -> common_pb2.CancelResponse:
+        return self.cancel(request, context)
+
+    def _plan(self, request: keyframes_pb2.KeyframesRequest) -> Plan:
+        check_digest(request.inversion_digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
+        spec = edit_spec_from_proto(request.edit)
+        fingerprint = self.model_host.fingerprint
+        key = edit_key(KIND, request.inversion_digest, spec, fingerprint)
+        source = InversionInput(request.inversion_digest)
+        return Plan(
+            key,
+            lambda: source.precheck(self.store, spec, fingerprint, preview=True),
+            lambda ctx: self._run(ctx, source, spec, key),
+        )
+
+    def _run(self, ctx: JobContext, source: InversionInput, spec: EditSpec, key: str) -> JobOutput:
+        stored = already_stored(self.store, key, KIND)
+        if stored is not None:
+            return stored
+        progress = JobProgress(ctx, self.stage, self.metrics, {"keyframes": 0.95})
+        with self.store.pin(source.digest):
+            inversion = source.load(self.store, self.model_host, self.metrics, progress)
+            with self.model_host.use(progress.check_cancelled, progress.waiting) as model:
+                progress.start()
+                indices, frames = edit_keyframes(model, inversion, spec, progress.hooks())
+        names = [image_name(i) for i in indices]
+        files: dict[str, bytes] = {name: encode_png(f) for name, f in zip(names, frames, strict=True)}
+        height, width = int(frames.shape[1]), int(frames.shape[2])
+        index = {"keyframe_indices": indices, "image_files": names, "width": width, "height": height}
+        files[INDEX_FILE] = json.dumps(index, indent=1).encode()
+        meta = {
+            **model_meta(self.model_host),
+            **index,
+            "inversion": source.digest,
+            "inversion_psnr": (source.meta or {}).get("reconstruction_psnr"),
+            "edit": spec.canonical(),
+        }
+        manifest = self.store.put(KIND, key, files, meta=meta)
+        progress.frames_processed(len(indices))
+        return JobOutput(manifest, computed=True)
+
+    def result(self, manifest: Manifest, cache_hit: bool) -> common_pb2.Result:
+        meta = manifest.meta
+        result = self.base_result(manifest, cache_hit, common_warnings(meta, "inversion_psnr"))
+        result.keyframes.CopyFrom(
+            common_pb2.KeyframesInfo(
+                keyframe_indices=[int(i) for i in meta["keyframe_indices"]],
+                image_files=[str(n) for n in meta["image_files"]],
+                width=int(meta["width"]),
+                height=int(meta["height"]),
+            )
+        )
+        return result
+
+
+def add_to_server(server: grpc.Server, servicer: KeyframesServicer) -> None:
+    keyframes_pb2_grpc.add_KeyframesServicer_to_server(servicer, server)

@@ -1,0 +1,408 @@
+"""`tokenflow serve`: one gRPC server hosting any subset of the services, plus a /metrics endpoint.
+
+``--services all`` (the default) is the embedded single-process setup; ``--services inversion`` (etc.) is
+one stage per deployment. Either way the Editor reaches the stages through gRPC at configured addresses
+(its own address by default), so the same code runs both ways. Every server also serves the Artifacts
+service, ``grpc.health.v1`` (per service and overall ``""``) and server reflection.
+
+Shutdown (SIGTERM/SIGINT, or `RunningServer.stop`): health turns NOT_SERVING and new jobs get
+UNAVAILABLE at once; running jobs get the shutdown grace to finish, then are cancelled (their callers get
+UNAVAILABLE: retry elsewhere); then gRPC and /metrics stop. A second signal exits immediately (artifacts
+are published atomically, so nothing partial is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services import artifacts
+from services.config import DEFAULT_CACHE_DIR, SERVICES, ServerConfig, parse_services, parse_size
+from services.grpc_metrics import PrometheusServerInterceptor
+from services.metrics import Metrics, MetricsServer
+from services.model_host import ModelHost
+from services.stages import StageServicer
+from services.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+EDITOR_SERVICE_NAME = "tokenflow.v1.Editor"
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def _import_editor() -> Any:
+    """services.editor if present (it is developed separately); None if the module does not exist."""
+    try:
+        from services import editor
+    except ModuleNotFoundError as e:
+        if e.name == "services.editor":
+            return None
+        raise
+    return editor
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclass
+class RunningServer:
+    """A started server. `port`/`metrics_port` are the bound ports (useful with port 0)."""
+
+    config: ServerConfig
+    server: grpc.Server
+    port: int
+    metrics: Metrics
+    store: ArtifactStore
+    health: grpc_health.HealthServicer
+    service_names: tuple[str, ...]
+    stages: dict[str, StageServicer] = field(default_factory=dict)
+    model_host: ModelHost | None = None
+    editor: Any = None
+    metrics_server: MetricsServer | None = None
+    owns_store: bool = False
+    _executor: futures.ThreadPoolExecutor | None = None
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: bool = False
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    @property
+    def target(self) -> str:
+        """Where a client on this machine reaches the server (also the Editor's default stage address)."""
+        host = "localhost" if self.config.host in _WILDCARD_HOSTS else self.config.host
+        return _host_port(host, self.port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown (see the module docstring); idempotent. `grace` defaults to the config's."""
+        with self._stop_lock:
+            if self._stopping:
+                already = True
+            else:
+                already, self._stopping = False, True
+        if already:
+            self._stopped.wait()
+            return
+        grace = self.config.shutdown_grace if grace is None else max(0.0, grace)
+        log.info("shutting down: running jobs get %.0f s to finish", grace)
+        for stage in self.stages.values():
+            stage.drain()  # before health changes, so a caller who sees NOT_SERVING also gets UNAVAILABLE
+        self.health.enter_graceful_shutdown()
+        threads = [
+            threading.Thread(target=stage.shutdown, args=(grace,), name=f"{name}-shutdown", daemon=True)
+            for name, stage in self.stages.items()
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # Let streams deliver their final event or status, and transfers finish, for a little while.
+        self.server.stop(grace=max(1.0, min(grace, 10.0))).wait()
+        close = getattr(self.editor, "close", None)
+        if callable(close):
+            close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.owns_store:
+            self.store.close()
+        self._stopped.set()
+        log.info("server stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `stop` has finished; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=0)
+
+
+def _stage_classes() -> dict[str, tuple[type[StageServicer], Any]]:
+    """Stage servicer classes and their add_to_server; imported only when a stage is hosted (torch)."""
+    from services import inversion, keyframes, propagation
+
+    return {
+        "inversion": (inversion.InversionServicer, inversion.add_to_server),
+        "keyframes": (keyframes.KeyframesServicer, keyframes.add_to_server),
+        "propagation": (propagation.PropagationServicer, propagation.add_to_server),
+    }
+
+
+def build_server(
+    config: ServerConfig,
+    *,
+    model_host: ModelHost | None = None,
+    store: ArtifactStore | None = None,
+    metrics: Metrics | None = None,
+) -> RunningServer:
+    """Build, bind and start a server for `config`. Raises OSError if the port cannot be bound.
+
+    `model_host`, `store` and `metrics` may be shared between servers (tests, or several servers in one
+    process); by default each server makes its own from the config.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    owns_store = store is None
+    if store is None:
+        store = ArtifactStore(
+            config.cache_dir,
+            size_limit=config.cache_size_bytes,
+            shared_dir=config.shared_store,
+            metrics=metrics,
+        )
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc")
+    server = grpc.server(
+        executor,
+        interceptors=[PrometheusServerInterceptor(metrics)],
+        # Without this, Linux lets a second server bind the same port and silently share its traffic.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    stages: dict[str, StageServicer] = {}
+    try:
+        address = _host_port(config.host, config.port)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e} (is the port in use?)") from e
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (is the port in use?)")
+
+        names: list[str] = []
+        artifacts.add_to_server(
+            server,
+            artifacts.ArtifactsServicer(store, max_upload_bytes=config.max_upload_bytes, metrics=metrics),
+        )
+        names.append(artifacts.SERVICE_NAME)
+
+        if config.stages:
+            if model_host is None:
+                model_host = ModelHost(config.model, device=config.device, dtype=config.dtype)
+            for name, (cls, add) in _stage_classes().items():
+                if name in config.stages:
+                    stage = cls(
+                        store,
+                        model_host,
+                        metrics,
+                        max_queue=config.max_queue,
+                        grace_seconds=config.job_grace_seconds,
+                    )
+                    add(server, stage)
+                    stages[name] = stage
+                    names.append(cls.service_name)
+
+        running = RunningServer(
+            config=config,
+            server=server,
+            port=port,
+            metrics=metrics,
+            store=store,
+            health=grpc_health.HealthServicer(
+                experimental_non_blocking=True,
+                experimental_thread_pool=futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="health"
+                ),
+            ),
+            service_names=(),
+            stages=stages,
+            model_host=model_host,
+            owns_store=owns_store,
+            _executor=executor,
+        )
+
+        if "editor" in config.services:
+            editor_module = _import_editor()
+            if editor_module is None:
+                raise ValueError("this installation has no Editor service (services/editor.py is missing)")
+            running.editor = editor_module.EditorServicer(
+                inversion_target=config.inversion_addr or running.target,
+                keyframes_target=config.keyframes_addr or running.target,
+                propagation_target=config.propagation_addr or running.target,
+                artifacts_store=store,
+                metrics=metrics,
+            )
+            editor_module.add_to_server(server, running.editor)
+            names.append(EDITOR_SERVICE_NAME)
+
+        health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
+        for name in names:
+            running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        running.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        running.service_names = tuple(names)
+        reflection.enable_server_reflection(
+            (*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        server.start()
+    except BaseException:
+        server.stop(grace=None)
+        executor.shutdown(wait=False)
+        for stage in stages.values():
+            stage.jobs.shutdown(grace=0)
+        if owns_store:
+            store.close()
+        raise
+
+    if config.metrics_port is not None:
+        try:
+            running.metrics_server = metrics.serve(config.metrics_port, addr=config.host or "0.0.0.0")
+        except OSError as e:
+            running.stop(grace=0)
+            raise OSError(f"cannot serve metrics on port {config.metrics_port}: {e}") from e
+
+    if model_host is not None:
+        if model_host.is_test_model:
+            log.warning(
+                "model %r is a test model with random weights: every output is noise. "
+                "Pass --model /path/to/stable-diffusion-folder for real edits",
+                model_host.model_name,
+            )
+        if config.preload_model:
+            threading.Thread(target=model_host.warm_up, name="model-warm-up", daemon=True).start()
+    log.info("serving %s on %s", ", ".join(running.service_names), address)
+    return running
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenflow serve",
+        description="Serve the TokenFlow gRPC services (all in one process, or any subset).",
+    )
+    p.add_argument(
+        "--services",
+        default="all",
+        help=f"'all' or a comma list of {', '.join(SERVICES[:-1])} (artifacts is always served); default all",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus port; 0 = pick one, -1 = off (default 9090)",
+    )
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
+    p.add_argument(
+        "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
+    )
+    p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
+    p.add_argument("--model", default="tiny", help="diffusers SD folder or preset (tiny = test model, noise)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on GPU)")
+    for stage in ("inversion", "keyframes", "propagation"):
+        p.add_argument(f"--{stage}-addr", default=None, help=f"editor: gRPC target of the {stage} stage")
+    p.add_argument("--max-queue", type=int, default=8, help="queued jobs per stage (default 8)")
+    p.add_argument(
+        "--job-grace-seconds",
+        type=float,
+        default=120.0,
+        help="cancel a job after this long with no caller attached (default 120)",
+    )
+    p.add_argument("--max-upload-bytes", default=str(2 << 30), help="upload size limit (default 2GiB)")
+    p.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=None,
+        help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
+    )
+    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """ServerConfig from parsed flags; ValueError with the flag to fix."""
+    return ServerConfig(
+        services=parse_services(args.services),
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        cache_dir=Path(args.cache_dir),
+        cache_size_bytes=parse_size(args.cache_size),
+        shared_store=Path(args.shared_store) if args.shared_store else None,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        inversion_addr=args.inversion_addr,
+        keyframes_addr=args.keyframes_addr,
+        propagation_addr=args.propagation_addr,
+        max_queue=args.max_queue,
+        job_grace_seconds=args.job_grace_seconds,
+        max_upload_bytes=parse_size(args.max_upload_bytes),
+        max_workers=args.max_workers,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tokenflow serve`; returns the process exit code."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"tokenflow serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        running = build_server(config)
+    except (OSError, ValueError) as e:
+        print(f"tokenflow serve: error: {e}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    metrics_note = f"metrics :{running.metrics_port}" if running.metrics_port is not None else "metrics off"
+    print(
+        f"serving {config.describe_services()} on {_host_port(config.host, running.port)} ({metrics_note})",
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        running.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
