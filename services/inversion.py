@@ -34,11 +34,11 @@ from services.stages import (
     model_meta,
 )
 from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, artifact_key
-from tokenflow.errors import SpecError
+from tokenflow.errors import VideoError
 from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
-from tokenflow.schedule import make_scheduler
+from tokenflow.schedule import check_inversion_steps
 from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
 from tokenflow.video import probe
 from tokenflow_pb.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
@@ -110,7 +110,10 @@ def compute_inversion(
         path = video_path(video)
         with host.use(progress.check_cancelled, progress.waiting) as model:
             progress.start()
-            inversion = invert_video(model, path, recipe.decode, recipe.spec, progress.hooks())
+            try:
+                inversion = invert_video(model, path, recipe.decode, recipe.spec, progress.hooks())
+            except VideoError as exc:
+                raise _readable(exc, recipe.video_digest, path) from exc
         meta = {
             **model_meta(host),
             "video_digest": recipe.video_digest,
@@ -132,25 +135,13 @@ def compute_inversion(
 
 
 def check_timesteps(model: Model, spec: InversionSpec) -> None:
-    """Refuse up front step counts whose editing timesteps the model's scheduler would not visit.
-
-    `InversionSpec.validate` only checks divisibility; the scheduler's spacing can still miss (1000
-    training steps with S=6 visit 0, 166, ..., 830, which does not contain T=2's 500).
-    """
-    if _lines_up(model, spec.steps, spec.edit_steps):
-        return
-    candidates = sorted(range(spec.edit_steps, 1001, spec.edit_steps), key=lambda s: abs(s - spec.steps))
-    good = sorted(s for s in candidates[:40] if _lines_up(model, s, spec.edit_steps))[:4]
-    hint = f"try inversion.steps {' or '.join(map(str, good))}" if good else "try other step counts"
-    raise SpecError(
-        f"inversion.steps ({spec.steps}) and inversion.edit_steps ({spec.edit_steps}) do not line up on this "
-        f"model's schedule: some editing timesteps would not be inversion timesteps; {hint}"
-    )
+    """Refuse up front (before a queue slot is taken) step counts the model's schedule cannot line up."""
+    check_inversion_steps(model, spec.steps, spec.edit_steps)
 
 
-def _lines_up(model: Model, steps: int, edit_steps: int) -> bool:
-    edit_timesteps = {int(t) for t in make_scheduler(model, edit_steps).timesteps}
-    return edit_timesteps <= {int(t) for t in make_scheduler(model, steps).timesteps}
+def _readable(exc: VideoError, digest: str, path: Path) -> VideoError:
+    """The decoder names the cache's internal blob file; name the uploaded video instead."""
+    return VideoError(str(exc).replace(repr(path.name), f"uploaded video {digest[:16]}"))
 
 
 def inversion_weights(spec: InversionSpec) -> dict[str, float]:
@@ -257,7 +248,11 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
             video = self.store.get(recipe.video_digest, kind="video")
             if video is None:
                 raise _missing_video(recipe.video_digest)
-            probe(video_path(video))  # VideoError (not a video) or TooLargeError (frame too large)
+            path = video_path(video)
+            try:
+                probe(path)  # VideoError (not a video) or TooLargeError (frame too large)
+            except VideoError as exc:
+                raise _readable(exc, recipe.video_digest, path) from exc
 
     def _run(self, ctx: JobContext, recipe: InversionRecipe, key: str) -> JobOutput:
         stored = already_stored(self.store, key, KIND)

@@ -25,7 +25,7 @@ from tokenflow.encoding import batched, encode_frames, encode_prompt, iter_decod
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.models import Model
 from tokenflow.progress import NO_HOOKS, JobHooks
-from tokenflow.schedule import check_timesteps_subset, compatible_steps, make_scheduler
+from tokenflow.schedule import check_inversion_steps, make_scheduler
 from tokenflow.specs import InversionSpec
 
 FORMAT_VERSION = 1
@@ -195,10 +195,10 @@ def invert(
 ) -> Inversion:
     """Encode, DDIM-invert with the inversion prompt (guidance 1) and optionally reconstruct."""
     spec.validate()
+    check_inversion_steps(model, spec.steps, spec.edit_steps)
     scheduler = make_scheduler(model, spec.steps)
     edit_timesteps = [int(t) for t in make_scheduler(model, spec.edit_steps).timesteps]
     inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
-    check_timesteps_subset(edit_timesteps, inv_timesteps, lambda: compatible_steps(model, spec.edit_steps))
     if latents_clean is None:
         latents_clean = encode_video(model, frames(), hooks, batch_size=spec.batch_size)
     n = latents_clean.shape[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -19,17 +19,21 @@ def make_scheduler(model: Model, steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def check_timesteps_subset(
-    edit_timesteps: Sequence[int],
-    inversion_timesteps: Sequence[int],
-    suggest: Callable[[], list[int]] | None = None,
-) -> None:
-    """The editor needs the inverted latent at every editing timestep: refuse before any compute."""
-    missing = sorted(set(int(t) for t in edit_timesteps) - set(int(t) for t in inversion_timesteps))
+def check_inversion_steps(model: Model, steps: int, edit_steps: int) -> None:
+    """Refuse step counts whose editing timesteps the inversion would not visit, suggesting ones that work.
+
+    The editor needs the inverted latent at every editing timestep. Divisibility is not enough:
+    with 1000 training steps and "leading" spacing, S=6 visits 1, 167, ..., 831, which lacks T=2's 501.
+    """
+    edit_timesteps = {int(t) for t in make_scheduler(model, edit_steps).timesteps}
+    missing = sorted(edit_timesteps - {int(t) for t in make_scheduler(model, steps).timesteps})
     if missing:
         shown = f"{missing[:5]}{'...' if len(missing) > 5 else ''}"
-        hint = f"; inversion step counts that work: {', '.join(map(str, suggest()))}" if suggest else ""
-        raise SpecError(f"editing timesteps {shown} are not among the inversion's timesteps{hint}")
+        good = ", ".join(map(str, compatible_steps(model, edit_steps)))
+        raise SpecError(
+            f"inversion.steps={steps} does not visit the editing timesteps {shown} of "
+            f"inversion.edit_steps={edit_steps} on this model's schedule; step counts that work: {good}"
+        )
 
 
 def compatible_steps(model: Model, edit_steps: int, limit: int = 6) -> list[int]:
