@@ -37,7 +37,7 @@ SERVER_FLAGS = {
     "--keyframes-addr",
     "--propagation-addr",
     "--max-queue",
-    "--job-grace-seconds",
+    "--shutdown-grace-seconds",
 }
 #: Series Prometheus makes itself for every target.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
