@@ -9,7 +9,7 @@ can rebuild it under the same key instead of serving bad data or failing (`load_
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from services.stages import (
     check_edit_against_inversion,
     common_warnings,
     decode_spec_from_proto,
+    edit_key,
+    edit_spec_from_proto,
     finite_or_none,
     inversion_spec_from_proto,
     model_meta,
@@ -212,6 +214,26 @@ class InversionInput:
         if self.meta is None:  # a job that re-attached callers skipped the precheck
             self.meta = dict(find_inversion(store, self.digest).meta)
         return load_inversion(store, host, metrics, self.digest, self.meta, progress)
+
+
+def plan_edit(
+    servicer: StageServicer,
+    inversion_digest: str,
+    edit: common_pb2.EditSpec,
+    run: Callable[[JobContext, InversionInput, EditSpec, str], JobOutput],
+    preview: bool,
+) -> Plan:
+    """The plan of an edit stage (keyframes or propagation) on a stored inversion."""
+    check_digest(inversion_digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
+    spec = edit_spec_from_proto(edit)
+    fingerprint = servicer.model_host.fingerprint
+    key = edit_key(servicer.kind, inversion_digest, spec, fingerprint)
+    source = InversionInput(inversion_digest)
+    return Plan(
+        key,
+        lambda: source.precheck(servicer.store, spec, fingerprint, preview=preview),
+        lambda ctx: run(ctx, source, spec, key),
+    )
 
 
 class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):

@@ -13,7 +13,7 @@ import cv2
 import grpc
 import numpy as np
 
-from services.inversion import InversionInput
+from services.inversion import InversionInput, plan_edit
 from services.jobs import JobContext
 from services.stages import (
     JobOutput,
@@ -21,10 +21,7 @@ from services.stages import (
     Plan,
     StageServicer,
     already_stored,
-    check_digest,
     common_warnings,
-    edit_key,
-    edit_spec_from_proto,
     model_meta,
 )
 from services.store import Manifest
@@ -68,16 +65,7 @@ class KeyframesServicer(StageServicer, keyframes_pb2_grpc.KeyframesServicer):
         return self.cancel(request, context)
 
     def _plan(self, request: keyframes_pb2.KeyframesRequest) -> Plan:
-        check_digest(request.inversion_digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
-        spec = edit_spec_from_proto(request.edit)
-        fingerprint = self.model_host.fingerprint
-        key = edit_key(KIND, request.inversion_digest, spec, fingerprint)
-        source = InversionInput(request.inversion_digest)
-        return Plan(
-            key,
-            lambda: source.precheck(self.store, spec, fingerprint, preview=True),
-            lambda ctx: self._run(ctx, source, spec, key),
-        )
+        return plan_edit(self, request.inversion_digest, request.edit, self._run, preview=True)
 
     def _run(self, ctx: JobContext, source: InversionInput, spec: EditSpec, key: str) -> JobOutput:
         stored = already_stored(self.store, key, KIND)

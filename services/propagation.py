@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from services.inversion import InversionInput, video_path
+from services.inversion import InversionInput, plan_edit, video_path
 from services.jobs import JobContext
 from services.stages import (
     JobOutput,
@@ -24,10 +24,7 @@ from services.stages import (
     Plan,
     StageServicer,
     already_stored,
-    check_digest,
     common_warnings,
-    edit_key,
-    edit_spec_from_proto,
     finite_or_none,
     model_meta,
 )
@@ -60,16 +57,7 @@ class PropagationServicer(StageServicer, propagation_pb2_grpc.PropagationService
         return self.cancel(request, context)
 
     def _plan(self, request: propagation_pb2.PropagateRequest) -> Plan:
-        check_digest(request.inversion_digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
-        spec = edit_spec_from_proto(request.edit)
-        fingerprint = self.model_host.fingerprint
-        key = edit_key(KIND, request.inversion_digest, spec, fingerprint)
-        source = InversionInput(request.inversion_digest)
-        return Plan(
-            key,
-            lambda: source.precheck(self.store, spec, fingerprint, preview=False),
-            lambda ctx: self._run(ctx, source, spec, key),
-        )
+        return plan_edit(self, request.inversion_digest, request.edit, self._run, preview=False)
 
     def _run(self, ctx: JobContext, source: InversionInput, spec: EditSpec, key: str) -> JobOutput:
         stored = already_stored(self.store, key, KIND)
