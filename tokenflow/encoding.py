@@ -52,7 +52,9 @@ def encode_frames(model: Model, frames: np.ndarray | torch.Tensor) -> torch.Tens
         latents = vae.encode(2 * x - 1).latent_dist.mean * vae.config.scaling_factor
     finally:
         vae.to(dtype=model.dtype)
-    latents = latents.float()
+    # The VAE hands back a channels-last view; a contiguous copy makes in-memory latents compute exactly like
+    # latents loaded from an artifact (the UNet's conv kernels depend on the memory layout).
+    latents = latents.float().contiguous()
     if not torch.isfinite(latents).all():
         raise ModelError("the VAE produced non-finite latents; try --dtype float32")
     return latents

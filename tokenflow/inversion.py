@@ -201,6 +201,7 @@ def invert(
     inv_timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # ascending
     if latents_clean is None:
         latents_clean = encode_video(model, frames(), hooks, batch_size=spec.batch_size)
+    latents_clean = latents_clean.float().contiguous()  # same layout as a loaded artifact: same numbers
     n = latents_clean.shape[0]
     alphas = scheduler.alphas_cumprod
     cond = encode_prompt(model, spec.prompt)
