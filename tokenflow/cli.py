@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenflow.errors import TokenFlowError
+from tokenflow.errors import SpecError, TokenFlowError
 from tokenflow.progress import JobHooks, ProgressEvent
 from tokenflow.specs import DEFAULT_NEGATIVE_PROMPT, METHODS, DecodeSpec, EditSpec, InversionSpec
+
+DEFAULT_STEPS = 50
 
 
 class ProgressBars:
@@ -75,7 +77,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inversion_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=50, help="editing (denoising) steps T")
+    p.add_argument("--steps", type=int, default=None, help="editing (denoising) steps T (default 50)")
     p.add_argument(
         "--inversion-steps", type=int, default=None, help="DDIM inversion steps S, a multiple of T"
     )
@@ -106,8 +108,8 @@ def _decode_spec(a: argparse.Namespace) -> DecodeSpec:
 def _inversion_spec(a: argparse.Namespace, reconstruct: bool) -> InversionSpec:
     return InversionSpec(
         prompt=a.inversion_prompt,
-        steps=a.inversion_steps or a.steps,
-        edit_steps=a.steps,
+        steps=a.inversion_steps or a.steps or DEFAULT_STEPS,
+        edit_steps=a.steps or DEFAULT_STEPS,
         reconstruct=reconstruct,
     ).validate()
 
@@ -146,20 +148,33 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.pipeline import invert_video, render_edit
     from tokenflow.synthetic import make_clip
 
+    spec = _edit_spec(a)
+    source = a.input
+    if source is not None and not Path(source).is_file():
+        raise SpecError(f"cannot read {source!r} as a video: no such file")
+    inversion = None
+    if a.from_inversion:
+        inversion = Inversion.load(a.from_inversion)
+        saved_steps = len(inversion.edit_timesteps)
+        if a.steps is not None and a.steps != saved_steps:
+            raise SpecError(
+                f"--steps {a.steps}: the saved inversion keeps latents for {saved_steps} editing steps; "
+                "invert again with the step count you want"
+            )
+        if source is None and inversion.extra.get("source_path"):
+            source = inversion.extra["source_path"]
+            if not Path(source).is_file():
+                print(f"note: source video {source} is gone; the edit will have no audio", file=sys.stderr)
+                source = None
     bars = ProgressBars(not a.quiet)
     hooks = JobHooks(progress=bars)
     model = _load_model(a)
-    source = a.input
-    if a.from_inversion:
-        inversion = Inversion.load(a.from_inversion)
-        source = source or inversion.extra.get("source_path")
-    else:
+    if inversion is None:
         if source is None:
             source = str(Path(tempfile.mkdtemp(prefix="tokenflow-")) / "generated.mp4")
             make_clip(source, frames=24, size=(256, 256), fps=12, audio=True)
             print(f"no INPUT given: generated a test clip at {source}", file=sys.stderr)
         inversion = invert_video(model, source, _decode_spec(a), _inversion_spec(a, a.reconstruct), hooks)
-    spec = _edit_spec(a)
     out = render_edit(model, inversion, spec, a.output, audio_source=source, hooks=hooks)
     bars.close()
     return {

@@ -95,6 +95,13 @@ def _guided_step(
     return prep.scheduler.step(guided, t, x).prev_sample
 
 
+def _reconstruct_step(model: Model, prep: _Prepared, x: torch.Tensor, t: int) -> torch.Tensor:
+    """No edit: one DDIM step conditioned on the inversion prompt (guidance 1, a single branch)."""
+    embeds = prep.embeds_source.expand(x.shape[0], -1, -1)
+    noise = model.unet(x.to(model.device, model.dtype), t, encoder_hidden_states=embeds).sample.float().cpu()
+    return prep.scheduler.step(noise, t, x).prev_sample
+
+
 def keyframe_schedule(spec: EditSpec, n_frames: int, steps: int) -> list[list[int]]:
     if spec.keyframe_schedule is not None:
         return validate_schedule(spec.keyframe_schedule, n_frames, spec.keyframe_interval, steps)
@@ -134,13 +141,15 @@ def edit(
                 state.mode = "propagate"
             else:
                 state.mode = "per-frame"
-            guidance = 1.0 if spec.method == "reconstruct" else spec.guidance_scale
             out = []
             for b in range(0, n, spec.chunk_size):
                 chunk = list(range(b, min(b + spec.chunk_size, n)))
                 state.frame_indices = chunk
-                noise = _unet_branches(model, prep, source[chunk], x[chunk], t)
-                out.append(_guided_step(prep, noise, t, x[chunk], guidance))
+                if spec.method == "reconstruct":
+                    out.append(_reconstruct_step(model, prep, x[chunk], t))
+                else:
+                    noise = _unet_branches(model, prep, source[chunk], x[chunk], t)
+                    out.append(_guided_step(prep, noise, t, x[chunk], spec.guidance_scale))
                 hooks.check()
             x = torch.cat(out)
             state.clear()

@@ -107,7 +107,12 @@ class Inversion:
             inv = cls._from_parts(meta, tensors)
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"not a valid inversion artifact: missing or malformed {exc}") from exc
-        if inv.source_latents.shape[:2] != (len(inv.edit_timesteps), inv.n_frames):
+        frame_shape = tuple(inv.latents_clean.shape)
+        if (
+            inv.latents_clean.ndim != 4
+            or tuple(inv.source_latents.shape) != (len(inv.edit_timesteps), *frame_shape)
+            or tuple(inv.noisiest.shape) != frame_shape
+        ):
             raise SpecError("inversion artifact is inconsistent: latents do not match its timesteps/frames")
         return inv
 
