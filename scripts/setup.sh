@@ -10,18 +10,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# Some machines list local package folders that may not exist; pip warns about each one. Keep logs readable.
+quiet_pip() { "${PIP[@]}" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: GPU found, installing the default (CUDA) torch build" >&2
-    "${PIP[@]}" "torch>=2.3"
+    quiet_pip "torch>=2.3"
   else
     echo "setup: no GPU, installing the CPU build torch==${TOKENFLOW_TORCH_VERSION:-2.13.0}" >&2
-    "${PIP[@]}" "torch==${TOKENFLOW_TORCH_VERSION:-2.13.0}"
+    quiet_pip "torch==${TOKENFLOW_TORCH_VERSION:-2.13.0}"
   fi
 fi
 if ! "$VENV/bin/python" -c "import tokenflow, services, clients, diffusers, grpc_tools" >/dev/null 2>&1 \
    || [ pyproject.toml -nt "$VENV/.tokenflow-installed" ]; then
-  "${PIP[@]}" -e ".[dev]"
+  quiet_pip -e ".[dev]"
   touch "$VENV/.tokenflow-installed"
 fi
 echo "$VENV"
