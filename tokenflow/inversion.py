@@ -173,6 +173,27 @@ def split_prediction(
     raise SpecError(f"unsupported prediction type {prediction_type!r}")
 
 
+def ddim_move(
+    model: Model,
+    x: torch.Tensor,
+    t: int,
+    cond: torch.Tensor,
+    alpha_from: torch.Tensor,
+    alpha_to: torch.Tensor,
+    batch_size: int,
+) -> None:
+    """One deterministic DDIM move of every latent, in place, from noise level `alpha_from` to `alpha_to`.
+
+    Inversion (to a noisier level) and sampling (to a cleaner one) are the same update.
+    """
+    for b in range(0, x.shape[0], batch_size):
+        xb = x[b : b + batch_size]
+        embeds = cond.expand(xb.shape[0], -1, -1)
+        out = model.unet(xb.to(model.device, model.dtype), t, encoder_hidden_states=embeds).sample
+        pred_x0, eps = split_prediction(out.float().cpu(), xb, alpha_from, model.prediction_type)
+        x[b : b + batch_size] = alpha_to**0.5 * pred_x0 + (1 - alpha_to) ** 0.5 * eps
+
+
 @torch.no_grad()
 def encode_video(
     model: Model, frames: Iterable[np.ndarray], hooks: JobHooks = NO_HOOKS, batch_size: int = 8
@@ -217,19 +238,8 @@ def invert(
     for i, t in enumerate(inv_timesteps):
         alpha_t = alphas[t]
         alpha_prev = alphas[inv_timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
-        for b in range(0, n, bs):
-            xb = x[b : b + bs]
-            out = (
-                model.unet(
-                    xb.to(model.device, model.dtype),
-                    t,
-                    encoder_hidden_states=cond.expand(xb.shape[0], -1, -1),
-                )
-                .sample.float()
-                .cpu()
-            )
-            pred_x0, eps = split_prediction(out, xb, alpha_prev, model.prediction_type)
-            x[b : b + bs] = alpha_t**0.5 * pred_x0 + (1 - alpha_t) ** 0.5 * eps
+        # The noise is predicted at the next timestep from the current latent (the public code's inversion).
+        ddim_move(model, x, t, cond, alpha_prev, alpha_t, bs)
         if t in keep:
             kept[t] = x.clone()
         hooks.report("invert", i + 1, len(inv_timesteps), frames_done=n, frames_total=n)
@@ -269,19 +279,7 @@ def reconstruct(
     for i, t in enumerate(timesteps):
         alpha_t = alphas[t]
         alpha_next = alphas[timesteps[i + 1]] if i < len(timesteps) - 1 else scheduler.final_alpha_cumprod
-        for b in range(0, x.shape[0], batch_size):
-            xb = x[b : b + batch_size]
-            out = (
-                model.unet(
-                    xb.to(model.device, model.dtype),
-                    t,
-                    encoder_hidden_states=cond.expand(xb.shape[0], -1, -1),
-                )
-                .sample.float()
-                .cpu()
-            )
-            pred_x0, eps = split_prediction(out, xb, alpha_t, model.prediction_type)
-            x[b : b + batch_size] = alpha_next**0.5 * pred_x0 + (1 - alpha_next) ** 0.5 * eps
+        ddim_move(model, x, t, cond, alpha_t, alpha_next, batch_size)
         hooks.report("reconstruct", i + 1, len(timesteps))
     return x
 
