@@ -13,10 +13,10 @@ SOURCE="${1:-}"
 PROMPT="${2:-a marble sculpture of a wolf running in the snow}"
 if [ -z "$SOURCE" ]; then
   SOURCE=out/demo-source.mp4
-  "$TF" make-clip "$SOURCE" --frames 24 --size 256x256 --fps 12
+  "$TF" make-clip "$SOURCE" --frames 24 --size 128x128 --fps 12
 fi
 DEVICE_ARGS=()
 if [ -n "${DEVICE:-}" ]; then DEVICE_ARGS=(--device "$DEVICE"); fi
 "$TF" edit "$SOURCE" --prompt "$PROMPT" --output out/demo-edit.mp4 --model "${MODEL:-tiny}" \
-  --steps "${STEPS:-20}" --frames "${FRAMES:-24}" --area "${AREA:-65536}" --reconstruct "${DEVICE_ARGS[@]}"
+  --steps "${STEPS:-20}" --frames "${FRAMES:-24}" --area "${AREA:-16384}" --reconstruct "${DEVICE_ARGS[@]}"
 "$TF" eval --source "$SOURCE" --edited out/demo-edit.mp4 --frames "${FRAMES:-24}"
