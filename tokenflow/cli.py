@@ -174,6 +174,8 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
             source = str(Path(tempfile.mkdtemp(prefix="tokenflow-")) / "generated.mp4")
             make_clip(source, frames=24, size=(256, 256), fps=12, audio=True)
             print(f"no INPUT given: generated a test clip at {source}", file=sys.stderr)
+            if a.size is None:  # edit the generated clip at its own size, not upscaled to --area
+                a.size = (256, 256)
         inversion = invert_video(model, source, _decode_spec(a), _inversion_spec(a, a.reconstruct), hooks)
     out = render_edit(model, inversion, spec, a.output, audio_source=source, hooks=hooks)
     bars.close()
@@ -183,6 +185,7 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
         "fps": float(out.fps),
         "method": spec.method,
         "reconstruction_psnr_db": inversion.reconstruction_psnr,
+        "reconstruction_latent_rel_l2": inversion.extra.get("reconstruction_latent_rel_l2"),
         "source": source,
         "test_model": model.is_test_model,
     }
@@ -206,6 +209,7 @@ def cmd_invert(a: argparse.Namespace) -> dict[str, Any]:
         "height": inversion.height,
         "fps": float(inversion.fps),
         "reconstruction_psnr_db": inversion.reconstruction_psnr,
+        "reconstruction_latent_rel_l2": inversion.extra.get("reconstruction_latent_rel_l2"),
     }
 
 
