@@ -237,7 +237,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
 
 
 def _time_remaining(context: grpc.ServicerContext) -> float | None:
-    """Seconds left of the caller's deadline, or None when it set none.
+    """Seconds left of the caller's deadline (less a small margin), or None when it set none.
 
     grpc reports "no deadline" as a deadline in the far future (decades); passing that on as a timeout
     would overflow the downstream deadline, so anything beyond `_NO_DEADLINE` counts as none.
@@ -245,7 +245,10 @@ def _time_remaining(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None or remaining > _NO_DEADLINE:
         return None
-    return max(0.0, float(remaining))
+    # A little less than the caller's time: gRPC rounds a timeout up on the wire, and the stage should
+    # give up before the caller does, so the Editor can still tell the caller why.
+    margin = min(0.5, max(0.02, 0.05 * float(remaining)))
+    return max(0.0, float(remaining) - margin)
 
 
 def _validate(request: editor_pb2.EditorRequest) -> list[bytes]:
