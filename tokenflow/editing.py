@@ -95,6 +95,18 @@ def _guided_step(
     return prep.scheduler.step(guided, t, x).prev_sample
 
 
+def _pnp_flags(spec: EditSpec, step_index: int, all_steps: int) -> tuple[bool, bool]:
+    """(inject attention, inject conv) at this step: the first int(T * pnp_attn_t) / int(T * pnp_f_t) steps.
+
+    Thresholds count from the first of all T steps, as the public code's `timesteps[:int(T * f)]`.
+    """
+    use_pnp = spec.method in ("tokenflow", "per-frame")
+    return (
+        use_pnp and step_index < int(all_steps * spec.pnp_attn_t),
+        use_pnp and step_index < int(all_steps * spec.pnp_f_t),
+    )
+
+
 def _reconstruct_step(model: Model, prep: _Prepared, x: torch.Tensor, t: int) -> torch.Tensor:
     """No edit: one DDIM step conditioned on the inversion prompt (guidance 1, a single branch)."""
     embeds = prep.embeds_source.expand(x.shape[0], -1, -1)
@@ -121,9 +133,6 @@ def edit(
     n = inversion.n_frames
     total = len(prep.timesteps)
     all_steps = len(inversion.edit_timesteps)
-    # Thresholds count from the first of all T steps, as the public code's `timesteps[:int(T * f)]`.
-    attn_steps, conv_steps = int(all_steps * spec.pnp_attn_t), int(all_steps * spec.pnp_f_t)
-    use_pnp = spec.method in ("tokenflow", "per-frame")
     schedule = keyframe_schedule(spec, n, total) if spec.method in ("tokenflow", "sdedit") else []
     state = TokenFlowState(keyframe_interval=spec.keyframe_interval, weighting=spec.propagation_weighting)
     x = prep.x
@@ -132,8 +141,7 @@ def edit(
         for i, t in enumerate(prep.timesteps):
             step_index = prep.step_offset + i
             source = inversion.source_latents[step_index]
-            state.pnp_attn = use_pnp and step_index < attn_steps
-            state.pnp_conv = use_pnp and step_index < conv_steps
+            state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
             if schedule:
                 kf = schedule[i]
                 state.mode, state.frame_indices = "keyframes", kf
@@ -178,15 +186,12 @@ def edit_keyframes(
     if any(not 0 <= k < inversion.n_frames for k in kf):
         raise SpecError(f"keyframe indices must be in 0..{inversion.n_frames - 1}")
     all_steps = len(inversion.edit_timesteps)
-    attn_steps, conv_steps = int(all_steps * spec.pnp_attn_t), int(all_steps * spec.pnp_f_t)
-    use_pnp = spec.method == "tokenflow"
     state = TokenFlowState(mode="keyframes", frame_indices=list(kf), keyframe_interval=spec.keyframe_interval)
     x = prep.x[kf]
     with tokenflow_unet(model.unet, state):
         for i, t in enumerate(prep.timesteps):
             step_index = prep.step_offset + i
-            state.pnp_attn = use_pnp and step_index < attn_steps
-            state.pnp_conv = use_pnp and step_index < conv_steps
+            state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
             noise = _unet_branches(model, prep, inversion.source_latents[step_index][kf], x, t)
             x = _guided_step(prep, noise, t, x, spec.guidance_scale)
             state.clear()

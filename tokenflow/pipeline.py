@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
-from tokenflow.editing import EditResult, edit, edit_keyframes
+from tokenflow.editing import EditResult, edit
 from tokenflow.encoding import iter_decoded
 from tokenflow.inversion import Inversion, invert
 from tokenflow.models import TEST_MODEL_NOTICE, Model
@@ -69,12 +68,6 @@ def render_edit(
         audio_start=float(inversion.extra.get("audio_start", 0.0)),
     )
     return EditOutput(Path(output), frames, inversion.fps, result)
-
-
-def preview_keyframes(
-    model: Model, inversion: Inversion, spec: EditSpec, hooks: JobHooks = NO_HOOKS
-) -> tuple[list[int], Any]:
-    return edit_keyframes(model, inversion, spec, hooks=hooks)
 
 
 def output_comment(model: Model, spec: EditSpec | None = None) -> str:
