@@ -8,7 +8,15 @@ class TokenFlowError(Exception):
 
 
 class SpecError(TokenFlowError, ValueError):
-    """A spec or argument is invalid (maps to INVALID_ARGUMENT)."""
+    """A spec or argument is invalid (maps to INVALID_ARGUMENT).
+
+    `field` names the offending field as a path (e.g. "edit.guidance_scale") so that callers get a
+    machine-readable field violation, not only a sentence.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class VideoError(TokenFlowError, ValueError):
@@ -16,7 +24,15 @@ class VideoError(TokenFlowError, ValueError):
 
 
 class TooLargeError(TokenFlowError):
-    """The input exceeds a configured size limit (RESOURCE_EXHAUSTED)."""
+    """The input exceeds a configured size limit (RESOURCE_EXHAUSTED, not retryable).
+
+    `limit_name` and `limit` say which limit and its value, for machine-readable error details.
+    """
+
+    def __init__(self, message: str, *, limit_name: str | None = None, limit: int | float | None = None) -> None:
+        super().__init__(message)
+        self.limit_name = limit_name
+        self.limit = limit
 
 
 class ModelError(TokenFlowError):
