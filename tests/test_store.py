@@ -1,10 +1,15 @@
-"""The content-addressed artifact store: keys, atomic publish, verification, eviction, pins, tiers."""
+"""The content-addressed artifact store: keys, atomic publish, verification, eviction, pins, tiers.
+
+The index at scale, listing and delete: test_store_index.py; the shared-volume tier's pruning and the
+prune command: test_store_volume.py; the S3 tier on a real S3-compatible server: test_store_s3.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-import services.store as store_module
+import services.store as store_package
 from services.store import (
     SCHEMA_VERSION,
     ArtifactStore,
@@ -25,6 +30,7 @@ from services.store import (
     artifact_key,
     canonical_json,
 )
+from services.store.local import RawOnlyDisk
 from tokenflow.errors import SpecError, TooLargeError
 from tokenflow.specs import EditSpec
 
@@ -183,13 +189,16 @@ def test_refuses_unsafe_names_and_keys(store: ArtifactStore) -> None:
     assert not store.contains(key_of("n"))
 
 
-def test_module_never_pickles() -> None:
-    source = Path(store_module.__file__).read_text(encoding="utf-8")
-    for forbidden in ("import pickle", "pickle.load", "pickle.dump", "torch.load", "import torch"):
-        assert forbidden not in source
+def test_package_never_pickles() -> None:
+    modules = sorted(Path(store_package.__file__).parent.glob("*.py"))
+    assert len(modules) >= 8
+    for module in modules:
+        source = module.read_text(encoding="utf-8")
+        for forbidden in ("import pickle", "pickle.load", "pickle.dump", "torch.load", "import torch"):
+            assert forbidden not in source, module.name
     # The backend refuses to store Python objects at all.
     with pytest.raises(TypeError):
-        store_module._RawOnlyDisk("/nonexistent").store({"a": 1}, read=False)
+        RawOnlyDisk("/nonexistent").store({"a": 1}, read=False)
 
 
 # -- verification --------------------------------------------------------------------------------------------
@@ -242,8 +251,11 @@ def test_flipped_bytes_are_detected_on_read(store: ArtifactStore) -> None:
 def test_tampered_manifest_is_a_miss(store: ArtifactStore) -> None:
     key = key_of("tamper")
     store.put("test", key, {"a.json": b"{}"})
-    store._cache.set(f"m:{key}", "{not json")
+    with sqlite3.connect(store.directory / "index.db") as db:
+        db.execute("UPDATE artifacts SET manifest = '{not json' WHERE key = ?", (key,))
     assert store.get(key) is None and not store.contains(key)
+    assert value(store.metrics, "cache_corrupt_total", "unknown") == 1
+    assert blob_files(store.directory) == [] and store.total_bytes() == 0
 
 
 def _run(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -263,8 +275,9 @@ def test_crash_before_publish_leaves_nothing_visible(tmp_path: Path) -> None:
         """
         import os, sys
         from services.store import ArtifactStore
+        from services.store.local import LocalTier
         s = ArtifactStore(sys.argv[1], size_limit=10**7, orphan_ttl=0.3)
-        ArtifactStore._publish_local = lambda self, manifest, nonce: os._exit(3)  # die at the commit point
+        LocalTier._publish = lambda self, manifest, nonce: os._exit(3)  # die at the commit point
         s.put("test", sys.argv[2], {"a.bin": os.urandom(100_000), "b.json": b"{}"})
         """,
         str(directory),
@@ -367,7 +380,7 @@ def test_shared_tier_between_two_nodes(tmp_path: Path) -> None:
     assert node2.contains(key) and node2.stat(key) is not None
     art = node2.get(key)
     assert art is not None and art.read("latents.safetensors") == data and art.meta == {"fps": 8}
-    assert node2._cache.get(f"m:{key}") is not None  # now also in node2's local tier
+    assert node2.local.contains(key)  # now also in node2's local tier
     assert value(m2, "cache_hits_total", "inversion") == 1
     # node2 writes; node1 sees it.
     key2 = key_of("from-node2")
@@ -483,5 +496,7 @@ def test_two_processes_evicting_concurrently(tmp_path: Path) -> None:
     s = ArtifactStore(directory, size_limit=100_000)
     s.cull()
     assert s.total_bytes() <= 100_000
-    live = sum(len(m.files) for m, _ in s._scan().manifests.values())
+    manifests, token = s.list("test", page_size=1000)
+    assert token == "" and len(manifests) == s.count()
+    live = sum(len(m.files) for m in manifests)
     assert len(blob_files(directory)) == live  # no orphan blobs
