@@ -95,6 +95,13 @@ class ServerConfig:
     cache_size_bytes: int = 20 * 10**9
     shared_store: Path | None = None
     """Shared tier on a volume many machines mount (plain files, no SQLite); None = local only."""
+    shared_store_size: int | None = None
+    """Size limit of the shared tier (volume or S3), kept by LRU pruning in the background; None = none."""
+    s3_bucket: str | None = None
+    """Shared tier in this S3 bucket instead of a volume (credentials from the AWS chain)."""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    """An S3-compatible endpoint (MinIO, Ceph RGW, ...); None = AWS."""
     model: str = "tiny"
     device: str | None = None
     dtype: str | None = None
@@ -129,6 +136,12 @@ class ServerConfig:
             raise ValueError(f"--metrics-port must be in 0..65535, or -1 to disable; got {self.metrics_port}")
         if self.cache_size_bytes <= 0:
             raise ValueError("--cache-size must be positive, e.g. 20GB")
+        if self.shared_store is not None and self.s3_bucket:
+            raise ValueError("choose one shared tier: --shared-store DIR or --s3-bucket NAME, not both")
+        if self.shared_store_size is not None and (
+            self.shared_store_size <= 0 or (self.shared_store is None and not self.s3_bucket)
+        ):
+            raise ValueError("--shared-store-size needs a positive size and --shared-store or --s3-bucket")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not (self.job_grace_seconds >= 0 and math.isfinite(self.job_grace_seconds)):

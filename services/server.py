@@ -37,7 +37,7 @@ from services.grpc_metrics import PrometheusServerInterceptor
 from services.metrics import Metrics, MetricsServer
 from services.model_host import ModelHost
 from services.stages import StageServicer
-from services.store import ArtifactStore
+from services.store import ArtifactStore, make_shared_tier
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,13 @@ def build_server(
         store = ArtifactStore(
             config.cache_dir,
             size_limit=config.cache_size_bytes,
-            shared_dir=config.shared_store,
+            shared=make_shared_tier(
+                config.shared_store,
+                config.s3_bucket,
+                config.s3_prefix,
+                config.s3_endpoint_url,
+                config.shared_store_size,
+            ),
             metrics=metrics,
         )
     executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc")
@@ -309,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
     )
     p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
+    p.add_argument(
+        "--shared-store-size",
+        default=None,
+        help="shared tier size limit, e.g. 200GB: LRU-pruned in the background (default: no limit)",
+    )
+    p.add_argument("--s3-bucket", default=None, help="shared tier in this S3 bucket (AWS credential chain)")
+    p.add_argument("--s3-prefix", default="", help="key prefix inside --s3-bucket (default: none)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000")
     p.add_argument("--model", default="tiny", help="diffusers SD folder or preset (tiny = test model, noise)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on GPU)")
@@ -343,6 +357,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_dir=Path(args.cache_dir),
         cache_size_bytes=parse_size(args.cache_size),
         shared_store=Path(args.shared_store) if args.shared_store else None,
+        shared_store_size=parse_size(args.shared_store_size) if args.shared_store_size else None,
+        s3_bucket=args.s3_bucket or None,
+        s3_prefix=args.s3_prefix,
+        s3_endpoint_url=args.s3_endpoint_url,
         model=args.model,
         device=args.device,
         dtype=args.dtype,
