@@ -7,6 +7,9 @@ though its pictures are noise.
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -59,3 +62,41 @@ def small_inversion(tiny_model: Model, clip_array: np.ndarray) -> Inversion:
     """The clip inverted with 4 DDIM steps, keeping 2 editing timesteps (no reconstruction pass)."""
     spec = InversionSpec(prompt="a dog running", steps=4, edit_steps=2, reconstruct=False)
     return invert(tiny_model, frames_from_array(clip_array), spec, fps=Fraction(CLIP_FPS))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1: yields its endpoint URL.
+
+    For the whole session the AWS variables point at dummy credentials and no config files, so the
+    standard credential chain -- which the S3 tier and any server subprocess use unchanged -- finds them
+    and never a developer's real account. Each test creates its own bucket.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in failure reports
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(_S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}

@@ -83,6 +83,7 @@ class S3Tier:
         size_limit: int | None = None,
         client: Any = None,
         max_concurrency: int = 8,
+        multipart_threshold: int = 64 << 20,
     ) -> None:
         if not bucket:
             raise ValueError("--s3-bucket needs a bucket name")
@@ -104,7 +105,9 @@ class S3Tier:
             ),
         )
         self._transfer = TransferConfig(
-            multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=max_concurrency
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=max(5 << 20, min(16 << 20, multipart_threshold)),  # S3: parts >= 5 MiB
+            max_concurrency=max_concurrency,
         )
         self._max_concurrency = max_concurrency
 

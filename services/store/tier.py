@@ -190,9 +190,13 @@ def prune_lru(
             refs[sha] = refs.get(sha, 0) + 1
     report.bytes_before = sum(b.size for b in blobs.values())
 
+    def recent(t: float) -> bool:
+        # grace 0 means none at all, even for a timestamp a skewed clock puts in the future
+        return grace_seconds > 0 and now - t < grace_seconds
+
     def removable(sha: str) -> bool:
         b = blobs.get(sha)
-        return b is not None and sha not in refs and now - b.mtime >= grace_seconds
+        return b is not None and sha not in refs and not recent(b.mtime)
 
     # What stays once unreferenced old blobs are swept (the loop below lowers it as it evicts).
     live = report.bytes_before - sum(b.size for sha, b in blobs.items() if removable(sha))
@@ -201,7 +205,7 @@ def prune_lru(
         if r.manifest is not None:
             if max_bytes is None or live <= max_bytes:
                 break
-            if r.key in keep or now - r.atime < grace_seconds:
+            if r.key in keep or recent(r.atime):
                 continue
         tier.unpublish(r.key, r.manifest.kind if r.manifest is not None else None)
         report.evicted.append(r.key)
@@ -216,7 +220,8 @@ def prune_lru(
     for sha in [sha for sha in blobs if removable(sha)]:
         tier.remove_blob(sha)
         report.blobs_removed += 1
-    report.temporary_removed = tier.sweep_temporary(now - grace_seconds)
+    cutoff = now - grace_seconds if grace_seconds > 0 else float("inf")
+    report.temporary_removed = tier.sweep_temporary(cutoff)
     report.bytes_after = live
     if max_bytes is not None and live > max_bytes:
         log.warning(
