@@ -71,9 +71,9 @@ class InversionWatch:
     def __init__(self) -> None:
         self.cache_hit: bool | None = None
 
-    def __call__(self, event: editor_pb2.EditorEvent) -> None:
-        if event.edit_index < 0 and event.event.WhichOneof("event") == "result":
-            self.cache_hit = event.event.result.cache_hit
+    def __call__(self, event: editor_pb2.EditResponse) -> None:
+        if event.edit_index < 0 and event.WhichOneof("event") == "result":
+            self.cache_hit = event.result.cache_hit
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

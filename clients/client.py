@@ -16,10 +16,10 @@ import hashlib
 import mimetypes
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,10 +44,17 @@ __all__ = [
     "STAGES",
     "ClientError",
     "TokenFlowClient",
+    "JobEvent",
     "decode_spec",
     "edit_spec",
+    "enum_name",
+    "enum_number",
     "inversion_spec",
     "is_digest",
+    "kind_name",
+    "phase_name",
+    "seconds",
+    "stage_name",
 ]
 
 CHUNK_SIZE = 1 << 20
@@ -68,20 +75,13 @@ STAGES = ("inversion", "keyframes", "propagation")
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
-_METHODS: dict[str, int] = {
-    "tokenflow": common_pb2.EDIT_METHOD_TOKENFLOW,
-    "sdedit": common_pb2.EDIT_METHOD_SDEDIT,
-    "per-frame": common_pb2.EDIT_METHOD_PER_FRAME,
-    "per_frame": common_pb2.EDIT_METHOD_PER_FRAME,
-    "reconstruct": common_pb2.EDIT_METHOD_RECONSTRUCT,
-}
-_WEIGHTINGS: dict[str, int] = {
-    "sigmoid": common_pb2.PROPAGATION_WEIGHTING_SIGMOID,
-    "linear": common_pb2.PROPAGATION_WEIGHTING_LINEAR,
-}
-
-JobEventCallback = Callable[[common_pb2.JobEvent], None]
-EditorEventCallback = Callable[[editor_pb2.EditorEvent], None]
+JobEvent = Union[  # noqa: UP007 - a runtime alias of message classes
+    inversion_pb2.InvertResponse, keyframes_pb2.EditKeyframesResponse, propagation_pb2.PropagateResponse
+]
+"""A stage job's stream message: a oneof `event` of `progress` (Progress) or `result` (Result)."""
+JobEventCallback = Callable[[Any], None]
+"""Called with each JobEvent of a stage call."""
+EditorEventCallback = Callable[[editor_pb2.EditResponse], None]
 ByteProgress = Callable[[int, int], None]
 """Called with (bytes done, bytes in total; 0 when unknown) as a transfer advances."""
 
@@ -109,6 +109,59 @@ def is_digest(value: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Enum values <-> the service's names: EDIT_METHOD_PER_FRAME <-> "per-frame", ARTIFACT_KIND_VIDEO <->
+# "video", PHASE_INVERT <-> "invert" (the value name without the enum's UPPER_SNAKE prefix, lower case,
+# "_" as "-"). 0 (*_UNSPECIFIED) is "".
+
+
+def _prefix(enum: Any) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
+
+
+def enum_name(enum: Any, number: int) -> str:
+    """The short name of an enum value: enum_name(common_pb2.EditMethod, 3) == "per-frame"."""
+    value = enum.DESCRIPTOR.values_by_number.get(number)
+    if value is None or number == 0:
+        return ""
+    return value.name[len(_prefix(enum)) :].lower().replace("_", "-")
+
+
+def enum_number(enum: Any, name: str | int, what: str = "") -> int:
+    """The enum value of a short name ("per-frame", "per_frame", "PER_FRAME") or a number; ValueError.
+
+    `what` names the value in the error message (default: the enum's name).
+    """
+    if isinstance(name, int):
+        return name
+    key = _prefix(enum) + name.strip().upper().replace("-", "_")
+    value = enum.DESCRIPTOR.values_by_name.get(key)
+    if value is None or value.number == 0:
+        choices = ", ".join(enum_name(enum, v.number) for v in enum.DESCRIPTOR.values if v.number)
+        raise ValueError(f"unknown {what or enum.DESCRIPTOR.name} {name!r}; choose one of: {choices}")
+    return value.number
+
+
+def kind_name(number: int) -> str:
+    """"video", "inversion", "keyframes" or "propagation" for an ArtifactKind value."""
+    return enum_name(common_pb2.ArtifactKind, number)
+
+
+def stage_name(number: int) -> str:
+    """"inversion", "keyframes" or "propagation" for a Stage value."""
+    return enum_name(common_pb2.Stage, number)
+
+
+def phase_name(number: int) -> str:
+    """The phase's short name ("queued", "invert", "edit", ...) for a Phase value."""
+    return enum_name(common_pb2.Phase, number)
+
+
+def seconds(duration: Any) -> float:
+    """A google.protobuf.Duration (Progress.eta / elapsed) in seconds."""
+    return duration.seconds + duration.nanos / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Spec builders: plain keyword arguments -> proto messages. Unset optional fields stay unset, so the server
 # applies its documented defaults (and can tell "default" from an explicit value).
 
@@ -119,9 +172,11 @@ def decode_spec(
     stride: int | None = None,
     size: tuple[int, int] | None = None,
     target_area: int | None = None,
+    width: int = 0,
+    height: int = 0,
 ) -> common_pb2.DecodeSpec:
-    """Frame range and size; `size` is (width, height), None = automatic (about `target_area` pixels)."""
-    spec = common_pb2.DecodeSpec(start=start, max_frames=max_frames)
+    """Frame range and size: `width` x `height` (or `size` = (width, height)); 0/None = automatic."""
+    spec = common_pb2.DecodeSpec(start=start, max_frames=max_frames or 0, width=width, height=height)
     if stride is not None:
         spec.stride = stride
     if size is not None:
@@ -184,22 +239,14 @@ def edit_spec(
     if seed is not None:
         spec.seed = seed
     if method is not None:
-        spec.method = _enum_value(method, _METHODS, "method")
+        spec.method = enum_number(common_pb2.EditMethod, method, "method")
     if propagation_weighting is not None:
-        spec.propagation_weighting = _enum_value(propagation_weighting, _WEIGHTINGS, "propagation_weighting")
+        spec.propagation_weighting = enum_number(
+            common_pb2.PropagationWeighting, propagation_weighting, "propagation_weighting"
+        )
     for row in keyframe_schedule or ():
         spec.keyframe_schedule.add(frames=[int(f) for f in row])
     return spec
-
-
-def _enum_value(value: str | int, names: dict[str, int], what: str) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return names[value.strip().lower()]
-    except KeyError:
-        choices = ", ".join(sorted({k.replace("_", "-") for k in names}))
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {choices}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,8 +310,8 @@ class TokenFlowClient:
         filename: str | None = None,
         progress: ByteProgress | None = None,
         timeout: float | None = None,
-    ) -> artifacts_pb2.ArtifactRef:
-        """Upload a file (path) or bytes; returns the server's ArtifactRef (digest, size, existed)."""
+    ) -> artifacts_pb2.UploadResponse:
+        """Upload a file (path) or bytes; returns the server's UploadResponse (digest, size, existed)."""
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
             size, sha = len(data), hashlib.sha256(data).hexdigest()
@@ -288,7 +335,11 @@ class TokenFlowClient:
 
         media_type = (mimetypes.guess_type(name)[0] or "") if name else ""
         header = artifacts_pb2.UploadHeader(
-            kind=kind, filename=name, total_size=size, sha256=sha, media_type=media_type
+            kind=enum_number(common_pb2.ArtifactKind, kind, "kind"),
+            filename=name,
+            total_size=size,
+            sha256=sha,
+            media_type=media_type,
         )
 
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
@@ -341,8 +392,7 @@ class TokenFlowClient:
                 header = first.header
                 if dest.is_dir():
                     dest = dest / _safe_filename(header.filename or header.name or digest)
-                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-                tmp_path = Path(tmp)
+                fd, tmp_path = _create_part_file(dest)
                 sha = hashlib.sha256()
                 received = 0
                 with os.fdopen(fd, "wb") as out:
@@ -373,11 +423,11 @@ class TokenFlowClient:
                 if tmp_path is not None:
                     tmp_path.unlink(missing_ok=True)
 
-    def stat(self, digest: str, timeout: float | None = None) -> artifacts_pb2.ArtifactInfo:
-        """Describe an artifact (kind, files, metadata JSON) without transferring it."""
+    def stat(self, digest: str, timeout: float | None = None) -> artifacts_pb2.Artifact:
+        """Describe an artifact (kind, files, metadata JSON) without transferring it (Artifacts.Get)."""
         with _translate_errors():
-            request = artifacts_pb2.StatRequest(digest=digest)
-            return self._artifacts.Stat(request, timeout=self._timeout(timeout))
+            request = artifacts_pb2.GetRequest(digest=digest)
+            return self._artifacts.Get(request, timeout=self._timeout(timeout)).artifact
 
     # -- Stages --------------------------------------------------------------------------------------------
 
@@ -401,7 +451,7 @@ class TokenFlowClient:
         timeout: float | None = None,
     ) -> common_pb2.Result:
         """Keyframe preview of an edit (a prompt or an EditSpec); the images are files of the result."""
-        request = keyframes_pb2.KeyframesRequest(inversion_digest=inversion_digest, edit=_as_edit(edit))
+        request = keyframes_pb2.EditKeyframesRequest(inversion_digest=inversion_digest, edit=_as_edit(edit))
         return _run_job(self._keyframes.EditKeyframes, request, self._timeout(timeout), on_event)
 
     def propagate(
@@ -415,14 +465,21 @@ class TokenFlowClient:
         request = propagation_pb2.PropagateRequest(inversion_digest=inversion_digest, edit=_as_edit(edit))
         return _run_job(self._propagation.Propagate, request, self._timeout(timeout), on_event)
 
-    def cancel(self, stage: str, job_id: str, timeout: float | None = None) -> common_pb2.CancelResponse:
-        """Cancel a job of `stage` ("inversion", "keyframes" or "propagation") for every caller."""
-        stubs = {"inversion": self._inversion, "keyframes": self._keyframes, "propagation": self._propagation}
-        if stage not in stubs:
+    def cancel(self, stage: str, job_id: str, timeout: float | None = None) -> Any:
+        """Cancel a job of `stage` ("inversion", "keyframes" or "propagation") for every caller.
+
+        Returns the stage's cancel response (`cancelled`, `message`).
+        """
+        calls = {
+            "inversion": (self._inversion, inversion_pb2.InversionCancelRequest),
+            "keyframes": (self._keyframes, keyframes_pb2.KeyframesCancelRequest),
+            "propagation": (self._propagation, propagation_pb2.PropagationCancelRequest),
+        }
+        if stage not in calls:
             raise ValueError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+        stub, request_type = calls[stage]
         with _translate_errors():
-            request = common_pb2.CancelRequest(job_id=job_id)
-            return stubs[stage].Cancel(request, timeout=self._timeout(timeout))
+            return stub.Cancel(request_type(job_id=job_id), timeout=self._timeout(timeout))
 
     # -- Editor --------------------------------------------------------------------------------------------
 
@@ -439,13 +496,13 @@ class TokenFlowClient:
         """Edit a video (a path to upload, or the digest of an uploaded one) under one or many edits.
 
         One inversion is shared by all edits. Returns one Result per edit, in the order given;
-        `on_event` sees every EditorEvent (edit_index -1 is the inversion).
+        `on_event` sees every EditResponse (edit_index -1 is the inversion).
         """
         video_digest = self._video_digest(video, timeout)
         specs = [_as_edit(e) for e in ([edits] if isinstance(edits, (str, common_pb2.EditSpec)) else edits)]
         if not specs:
             raise ValueError("give at least one prompt or EditSpec")
-        request = editor_pb2.EditorRequest(
+        request = editor_pb2.EditRequest(
             video_digest=video_digest,
             decode=decode,
             inversion=inversion,
@@ -459,8 +516,8 @@ class TokenFlowClient:
                 for event in call:
                     if on_event is not None:
                         on_event(event)
-                    if event.edit_index >= 0 and event.event.WhichOneof("event") == "result":
-                        results[event.edit_index] = event.event.result
+                    if event.edit_index >= 0 and event.WhichOneof("event") == "result":
+                        results[event.edit_index] = event.result
             finally:
                 call.cancel()
         missing = [i for i in range(len(specs)) if i not in results]
@@ -539,6 +596,21 @@ def _file_sha256(path: Path) -> tuple[int, str]:
             sha.update(chunk)
             size += len(chunk)
     return size, sha.hexdigest()
+
+
+def _create_part_file(dest: Path) -> tuple[int, Path]:
+    """A new hidden temporary file beside `dest`, with the mode a normal new file gets (0666 & ~umask).
+
+    Not tempfile.mkstemp: its 0600 would carry over to the downloaded file when it is renamed into place.
+    """
+    for _ in range(100):
+        path = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {dest}")
 
 
 def _safe_filename(name: str) -> str:

@@ -5,12 +5,14 @@ Usage (from anywhere):
     python proto/generate.py          # regenerate tokenflow_pb/ in the repository root
     python proto/generate.py --check  # exit 1 (with a diff summary) if tokenflow_pb/ is stale
 
-Why the rewrite: the API's proto package is `tokenflow.v1`, but the generated Python modules live in the
-top-level package `tokenflow_pb` so that the `tokenflow` library stays free of gRPC and no generated
-`tokenflow.v1` package collides with it. protoc derives Python module paths from the .proto *file paths*,
-so the sources are copied to a temporary tree at `tokenflow_pb/v1/` with their `import "tokenflow/v1/X.proto"`
-lines rewritten to `import "tokenflow_pb/v1/X.proto"`. The proto package (and so every fully qualified
-name on the wire and in reflection, e.g. `tokenflow.v1.Artifacts`) is unchanged.
+Why the rewrite: the API's proto package is `tokenflow.v1` and its files are `tokenflow/v1/*.proto`
+under `proto/`. They are compiled with `proto/` as the proto path, so the descriptors are registered under
+exactly those names (`tokenflow/v1/common.proto`): a caller who generates its own stubs from our `proto/`
+registers the same files, not clashing duplicates of every symbol. protoc derives Python module paths
+from the file paths, which would make the generated modules `tokenflow.v1.*` -- inside our library
+package `tokenflow`, which must stay free of gRPC. So protoc writes into a temporary tree and the modules
+are moved to the top-level package `tokenflow_pb` (`tokenflow_pb/v1/*`), with their imports
+`from tokenflow.v1 import ...` / `import tokenflow.v1.x_pb2` rewritten to `tokenflow_pb.v1`.
 
 Generated code is committed. Its content depends on the exact versions of grpcio-tools (bundled protoc) and
 mypy-protobuf, which are recorded in each file's header; `--check` is only meaningful with those versions.
@@ -34,7 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_SRC = ROOT / "proto" / "tokenflow" / "v1"
 OUT_PACKAGE = "tokenflow_pb"
 OUT_SUBDIR = Path(OUT_PACKAGE) / "v1"
-_IMPORT_RE = re.compile(r'^(\s*import\s+(?:public\s+|weak\s+)?")tokenflow/v1/', re.MULTILINE)
+PROTO_ROOT = ROOT / "proto"
+GENERATED_SUBDIR = Path("tokenflow") / "v1"
+"""Where protoc writes the modules (from the .proto file paths), before they move to OUT_SUBDIR."""
+_MODULE_RE = re.compile(r"\btokenflow\.v1(?=\s+import\b|\.\w+_pb2\b)")
+"""Python references to the generated modules: `from tokenflow.v1 import` and `tokenflow.v1.x_pb2`."""
 
 
 def tool_versions() -> dict[str, str]:
@@ -66,31 +72,30 @@ def generate(out_root: Path) -> list[Path]:
     protos = sorted(PROTO_SRC.glob("*.proto"))
     if not protos:
         raise SystemExit(f"no .proto files in {PROTO_SRC}")
+    include = importlib.resources.files("grpc_tools") / "_proto"
     with tempfile.TemporaryDirectory(prefix="tokenflow-proto-") as tmp:
-        src_root = Path(tmp)
-        (src_root / OUT_SUBDIR).mkdir(parents=True)
-        for proto in protos:
-            text = _IMPORT_RE.sub(r"\1tokenflow_pb/v1/", proto.read_text(encoding="utf-8"))
-            (src_root / OUT_SUBDIR / proto.name).write_text(text, encoding="utf-8")
-        include = importlib.resources.files("grpc_tools") / "_proto"
-        out_root.mkdir(parents=True, exist_ok=True)
+        raw_root = Path(tmp)
         args = [
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{src_root}",
+            f"-I{PROTO_ROOT}",
             f"-I{include}",
             f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
             f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-            f"--python_out={out_root}",
-            f"--grpc_python_out={out_root}",
-            f"--mypy_out={out_root}",
-            f"--mypy_grpc_out={out_root}",
-            *[str(OUT_SUBDIR / p.name) for p in protos],
+            f"--python_out={raw_root}",
+            f"--grpc_python_out={raw_root}",
+            f"--mypy_out={raw_root}",
+            f"--mypy_grpc_out={raw_root}",
+            *[str(GENERATED_SUBDIR / p.name) for p in protos],
         ]
-        proc = subprocess.run(args, cwd=src_root, capture_output=True, text=True)
+        proc = subprocess.run(args, cwd=PROTO_ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"protoc failed ({proc.returncode}):\n{proc.stderr}")
+        (out_root / OUT_SUBDIR).mkdir(parents=True, exist_ok=True)
+        for produced in sorted((raw_root / GENERATED_SUBDIR).glob("*_pb2*.py*")):
+            text = _MODULE_RE.sub(f"{OUT_PACKAGE}.v1", produced.read_text(encoding="utf-8"))
+            (out_root / OUT_SUBDIR / produced.name).write_text(text, encoding="utf-8")
 
     written: list[Path] = []
     for proto in protos:

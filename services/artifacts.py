@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
+from services.convert import artifact_kind, kind_name
 from services.status import abort_with
 from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
 from tokenflow.errors import SpecError, TooLargeError
@@ -64,7 +66,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
 
     def Upload(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterable[artifacts_pb2.UploadRequest], context: grpc.ServicerContext
-    ) -> artifacts_pb2.ArtifactRef:
+    ) -> artifacts_pb2.UploadResponse:
         tmp_path: Path | None = None
         try:
             requests = iter(request_iterator)
@@ -74,9 +76,13 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     "the first UploadRequest must carry the header (kind, filename, size, sha256)"
                 )
             header = first.header
-            if header.kind not in UPLOAD_KINDS:
+            kind = kind_name(header.kind)
+            if kind not in UPLOAD_KINDS:
+                given = common_pb2.ArtifactKind.Name(header.kind) if kind else str(header.kind)
                 raise SpecError(
-                    f"unsupported upload kind {header.kind!r}; supported: {', '.join(UPLOAD_KINDS)}"
+                    f"unsupported upload kind {given}; supported: "
+                    + ", ".join(common_pb2.ArtifactKind.Name(artifact_kind(k)) for k in UPLOAD_KINDS),
+                    field="header.kind",
                 )
             want_sha = header.sha256.strip().lower()
             if want_sha and not _SHA_RE.match(want_sha):
@@ -113,15 +119,15 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
             existed = self.store.contains(digest)
             filename = _clean_filename(header.filename)
             manifest = self.store.put(
-                header.kind,
+                kind,
                 digest,
                 {_source_name(filename): tmp_path},
                 meta={"filename": filename, "media_type": header.media_type[:100], "size": received},
             )
             log.info("upload %s: %d bytes (%s)%s", digest, received, filename, " existed" if existed else "")
-            return artifacts_pb2.ArtifactRef(
+            return artifacts_pb2.UploadResponse(
                 digest=digest,
-                kind=manifest.kind,
+                kind=artifact_kind(manifest.kind),
                 size=manifest.total_size,
                 existed=existed,
                 primary=manifest.primary or "",
@@ -139,14 +145,16 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
             what = f"the declared size ({size} bytes)" if declared else "the upload"
             raise TooLargeError(
                 f"{what} exceeds this server's upload limit of {self.max_upload_bytes} bytes; trim the clip "
-                "(fewer frames or a lower resolution) before uploading"
+                "(fewer frames or a lower resolution) before uploading",
+                limit_name="max_upload_bytes",
+                limit=self.max_upload_bytes,
             )
 
     # -- Download ------------------------------------------------------------------------------------------
 
     def Download(  # noqa: N802 - gRPC method name
         self, request: artifacts_pb2.DownloadRequest, context: grpc.ServicerContext
-    ) -> Iterator[artifacts_pb2.DownloadChunk]:
+    ) -> Iterator[artifacts_pb2.DownloadResponse]:
         try:
             _check_digest(request.digest)
             art = self.store.get(request.digest)
@@ -173,10 +181,10 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
             abort_with(context, e)
 
         with stream:
-            yield artifacts_pb2.DownloadChunk(
+            yield artifacts_pb2.DownloadResponse(
                 header=artifacts_pb2.DownloadHeader(
                     digest=manifest.key,
-                    kind=manifest.kind,
+                    kind=artifact_kind(manifest.kind),
                     name=name,
                     size=entry.size,
                     sha256=entry.sha256,
@@ -194,32 +202,39 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     start = max(0, request.offset - position)
                     position += len(chunk)
                     if start < len(chunk):
-                        yield artifacts_pb2.DownloadChunk(chunk=chunk[start:] if start else chunk)
+                        yield artifacts_pb2.DownloadResponse(chunk=chunk[start:] if start else chunk)
             except CorruptArtifact as e:  # changed on disk since verified: the client must discard it
                 context.abort(grpc.StatusCode.DATA_LOSS, f"{e}; discard the partial download and retry")
 
-    # -- Stat ----------------------------------------------------------------------------------------------
+    # -- Get ------------------------------------------------------------------------------------------------
 
-    def Stat(  # noqa: N802 - gRPC method name
-        self, request: artifacts_pb2.StatRequest, context: grpc.ServicerContext
-    ) -> artifacts_pb2.ArtifactInfo:
+    def Get(  # noqa: N802 - gRPC method name
+        self, request: artifacts_pb2.GetRequest, context: grpc.ServicerContext
+    ) -> artifacts_pb2.GetResponse:
         try:
             _check_digest(request.digest)
             manifest = self.store.stat(request.digest)
             if manifest is None:
                 raise ArtifactNotFound(_not_found_message(request.digest))
-            return artifacts_pb2.ArtifactInfo(
-                digest=manifest.key,
-                kind=manifest.kind,
-                created_unix=manifest.created,
-                total_size=manifest.total_size,
-                files=[_file_info(n, e) for n, e in sorted(manifest.files.items())],
-                primary=manifest.primary or "",
-                meta_json=json.dumps(manifest.meta, sort_keys=True, ensure_ascii=False),
-            )
+            return artifacts_pb2.GetResponse(artifact=artifact_message(manifest))
         except Exception as e:
             error = e
         abort_with(context, error)
+
+
+def artifact_message(manifest: Manifest) -> artifacts_pb2.Artifact:
+    """The API's description of a stored artifact."""
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(manifest.created * 1e9))
+    return artifacts_pb2.Artifact(
+        digest=manifest.key,
+        kind=artifact_kind(manifest.kind),
+        create_time=created,
+        total_size=manifest.total_size,
+        files=[_file_info(n, e) for n, e in sorted(manifest.files.items())],
+        primary=manifest.primary or "",
+        meta_json=json.dumps(manifest.meta, sort_keys=True, ensure_ascii=False),
+    )
 
 
 def _check_digest(digest: str) -> None:

@@ -29,11 +29,12 @@ from typing import Any
 
 import grpc
 
+from services.convert import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
 from services.metrics import Metrics
-from services.stages import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
 from services.status import grpc_status_for, outcome_label
-from services.store import ArtifactStore, canonical_json, is_digest
+from services.store import ArtifactStore, is_digest
 from tokenflow.errors import SpecError
+from tokenflow.keys import canonical_json
 from tokenflow_pb.v1 import (
     common_pb2,
     editor_pb2,
@@ -73,7 +74,7 @@ def canonical_edit(edit: common_pb2.EditSpec) -> bytes:
     canonical encoding their content addresses hash, so the Editor's dedupe can never disagree with the
     cache. Raises SpecError for an invalid edit.
     """
-    return canonical_json(edit_spec_from_proto(edit).canonical())
+    return canonical_json(edit_spec_from_proto(edit).to_dict())
 
 
 class _DownstreamCall:
@@ -143,8 +144,8 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
     # -- Edit ----------------------------------------------------------------------------------------------
 
     def Edit(  # noqa: N802 - gRPC method name
-        self, request: editor_pb2.EditorRequest, context: grpc.ServicerContext
-    ) -> Iterator[editor_pb2.EditorEvent]:
+        self, request: editor_pb2.EditRequest, context: grpc.ServicerContext
+    ) -> Iterator[editor_pb2.EditResponse]:
         start = time.perf_counter()
         downstream = _DownstreamCall()
         context.add_callback(downstream.cancel)
@@ -169,10 +170,10 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
 
     def _edit(
         self,
-        request: editor_pb2.EditorRequest,
+        request: editor_pb2.EditRequest,
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
-    ) -> Iterator[editor_pb2.EditorEvent]:
+    ) -> Iterator[editor_pb2.EditResponse]:
         edit_keys = _validate(request)
 
         invert = inversion_pb2.InvertRequest(video_digest=request.video_digest)
@@ -184,7 +185,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         for event in self._call(self._inversion.Invert, invert, context, downstream):
             if event.WhichOneof("event") == "result":
                 inversion = event.result
-            yield editor_pb2.EditorEvent(edit_index=-1, event=event)
+            yield _tagged(-1, event)
         if inversion is None:
             raise RuntimeError("the inversion stage ended its stream without a result")
 
@@ -198,7 +199,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
             edit = request.edits[first]
             if request.keyframes_only:
                 method: Any = self._keyframes.EditKeyframes
-                stage_request: Any = keyframes_pb2.KeyframesRequest(
+                stage_request: Any = keyframes_pb2.EditKeyframesRequest(
                     inversion_digest=inversion.digest, edit=edit
                 )
             else:
@@ -208,7 +209,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
             for event in self._call(method, stage_request, context, downstream):
                 if event.WhichOneof("event") == "result":
                     result = event.result
-                yield editor_pb2.EditorEvent(edit_index=first, event=event)
+                yield _tagged(first, event)
             if result is None:
                 raise RuntimeError(f"the {_stage(request)} stage ended its stream without a result")
             for duplicate in indices[1:]:
@@ -216,7 +217,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
                 copy = common_pb2.Result()
                 copy.CopyFrom(result)
                 copy.cache_hit = True
-                yield editor_pb2.EditorEvent(edit_index=duplicate, event=common_pb2.JobEvent(result=copy))
+                yield editor_pb2.EditResponse(edit_index=duplicate, result=copy)
 
     def _call(
         self,
@@ -224,7 +225,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         request: Any,
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
-    ) -> Iterator[common_pb2.JobEvent]:
+    ) -> Iterator[Any]:
         """Start a stage's streaming call with the caller's remaining time; yield its events."""
         if not context.is_active():
             raise grpc_error(grpc.StatusCode.CANCELLED, "the caller cancelled the edit")
@@ -234,6 +235,16 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         call = method(request, timeout=remaining)
         downstream.start(call)
         yield from call
+
+
+def _tagged(edit_index: int, event: Any) -> editor_pb2.EditResponse:
+    """A stage's stream message (InvertResponse, PropagateResponse, ...) as the Editor's event."""
+    which = event.WhichOneof("event")
+    if which == "progress":
+        return editor_pb2.EditResponse(edit_index=edit_index, progress=event.progress)
+    if which == "result":
+        return editor_pb2.EditResponse(edit_index=edit_index, result=event.result)
+    raise RuntimeError("a stage sent an event that is neither progress nor a result")
 
 
 def _time_remaining(context: grpc.ServicerContext) -> float | None:
@@ -251,7 +262,7 @@ def _time_remaining(context: grpc.ServicerContext) -> float | None:
     return max(0.0, float(remaining) - margin)
 
 
-def _validate(request: editor_pb2.EditorRequest) -> list[bytes]:
+def _validate(request: editor_pb2.EditRequest) -> list[bytes]:
     """Reject what the stages would reject, before the (long) inversion runs; returns each edit's key.
 
     A bad prompt in the third edit should fail in milliseconds, not after minutes of inverting.
@@ -264,7 +275,7 @@ def _validate(request: editor_pb2.EditorRequest) -> list[bytes]:
             "(the digest returned by Artifacts.Upload)"
         )
     if not request.edits:
-        raise SpecError("give at least one edit (EditorRequest.edits)")
+        raise SpecError("give at least one edit (EditRequest.edits)")
     if len(request.edits) > MAX_EDITS:
         raise SpecError(
             f"{len(request.edits)} edits in one request; the limit is {MAX_EDITS}: split the request"
@@ -280,7 +291,7 @@ def _validate(request: editor_pb2.EditorRequest) -> list[bytes]:
     return keys
 
 
-def _stage(request: editor_pb2.EditorRequest) -> str:
+def _stage(request: editor_pb2.EditRequest) -> str:
     return "keyframes" if request.keyframes_only else "propagation"
 
 

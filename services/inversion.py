@@ -9,13 +9,14 @@ can rebuild it under the same key instead of serving bad data or failing (`load_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from services.convert import decode_spec_from_proto, inversion_spec_from_proto
 from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
@@ -26,22 +27,18 @@ from services.stages import (
     StageServicer,
     already_stored,
     check_digest,
-    check_edit_against_inversion,
     common_warnings,
-    decode_spec_from_proto,
-    edit_key,
-    edit_spec_from_proto,
     finite_or_none,
-    inversion_spec_from_proto,
     model_meta,
 )
-from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, artifact_key
+from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest
 from tokenflow.errors import VideoError
 from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
+from tokenflow.keys import inversion_key
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
 from tokenflow.schedule import check_inversion_steps
-from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
+from tokenflow.specs import DecodeSpec, InversionSpec
 from tokenflow.video import probe
 from tokenflow_pb.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -49,19 +46,6 @@ log = logging.getLogger(__name__)
 
 KIND = "inversion"
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
-
-
-def inversion_key(video_digest: str, decode: DecodeSpec, spec: InversionSpec, fingerprint: str) -> str:
-    """Content address of the inversion of one video with these settings on this model."""
-    return artifact_key(
-        KIND,
-        {
-            "video": video_digest,
-            "decode": decode.canonical(),
-            "inversion": spec.canonical(),
-            "model": fingerprint,
-        },
-    )
 
 
 @dataclass(frozen=True)
@@ -78,9 +62,9 @@ class InversionRecipe:
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> InversionRecipe:
         """The recipe kept in an inversion's metadata; KeyError, TypeError or ValueError if unreadable."""
-        decode = dict(meta["decode"])
-        decode["size"] = tuple(decode["size"]) if decode.get("size") else None
-        return cls(str(meta["video_digest"]), DecodeSpec(**decode), InversionSpec(**meta["inversion"]))
+        return cls(
+            str(meta["video_digest"]), DecodeSpec(**meta["decode"]), InversionSpec(**meta["inversion"])
+        )
 
 
 def video_path(video: Artifact) -> Path:
@@ -119,8 +103,8 @@ def compute_inversion(
         meta = {
             **model_meta(host),
             "video_digest": recipe.video_digest,
-            "decode": recipe.decode.canonical(),
-            "inversion": recipe.spec.canonical(),
+            "decode": recipe.decode.to_dict(),
+            "inversion": recipe.spec.to_dict(),
             "frames": inversion.n_frames,
             "fps": [inversion.fps.numerator, inversion.fps.denominator],
             "width": inversion.width,
@@ -155,7 +139,6 @@ def inversion_weights(spec: InversionSpec) -> dict[str, float]:
 
 def find_inversion(store: ArtifactStore, digest: str) -> Artifact:
     """The stored inversion named by a request (NOT_FOUND / INVALID_ARGUMENT with what to do)."""
-    check_digest(digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
     art = store.get(digest, kind=KIND)
     if art is None:
         raise ArtifactNotFound(
@@ -195,62 +178,23 @@ def load_inversion(
     return inversion
 
 
-@dataclass
-class InversionInput:
-    """The inversion an edit request names: checked before queueing, loaded (or rebuilt) by the job."""
-
-    digest: str
-    meta: dict[str, Any] | None = None
-
-    def precheck(self, store: ArtifactStore, spec: EditSpec, fingerprint: str, preview: bool) -> None:
-        art = find_inversion(store, self.digest)
-        check_edit_against_inversion(spec, art.meta, fingerprint, self.digest, preview)
-        self.meta = dict(art.meta)
-
-    def load(
-        self, store: ArtifactStore, host: ModelHost, metrics: Metrics, progress: JobProgress
-    ) -> Inversion:
-        """The inversion's tensors; the caller pins `digest` around this and the use of the result."""
-        if self.meta is None:  # a job that re-attached callers skipped the precheck
-            self.meta = dict(find_inversion(store, self.digest).meta)
-        return load_inversion(store, host, metrics, self.digest, self.meta, progress)
-
-
-def plan_edit(
-    servicer: StageServicer,
-    inversion_digest: str,
-    edit: common_pb2.EditSpec,
-    run: Callable[[JobContext, InversionInput, EditSpec, str], JobOutput],
-    preview: bool,
-) -> Plan:
-    """The plan of an edit stage (keyframes or propagation) on a stored inversion."""
-    check_digest(inversion_digest, "inversion_digest", "pass Result.digest of Inversion.Invert")
-    spec = edit_spec_from_proto(edit)
-    fingerprint = servicer.model_host.fingerprint
-    key = edit_key(servicer.kind, inversion_digest, spec, fingerprint)
-    source = InversionInput(inversion_digest)
-    return Plan(
-        key,
-        lambda: source.precheck(servicer.store, spec, fingerprint, preview=preview),
-        lambda ctx: run(ctx, source, spec, key),
-    )
-
-
 class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
     """tokenflow.v1.Inversion: Invert (streamed job) and Cancel."""
 
     stage = "inversion"
     kind = KIND
     service_name = SERVICE_NAME
+    response_type = inversion_pb2.InvertResponse
+    cancel_response_type = inversion_pb2.InversionCancelResponse
 
     def Invert(  # noqa: N802 - gRPC method name
         self, request: inversion_pb2.InvertRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.JobEvent]:
+    ) -> Iterator[inversion_pb2.InvertResponse]:
         return self.stream("Invert", context, lambda: self._plan(request))
 
     def Cancel(  # noqa: N802 - gRPC method name
-        self, request: common_pb2.CancelRequest, context: grpc.ServicerContext
-    ) -> common_pb2.CancelResponse:
+        self, request: inversion_pb2.InversionCancelRequest, context: grpc.ServicerContext
+    ) -> inversion_pb2.InversionCancelResponse:
         return self.cancel(request, context)
 
     def _plan(self, request: inversion_pb2.InvertRequest) -> Plan:

@@ -13,8 +13,8 @@ import cv2
 import grpc
 import numpy as np
 
-from services.inversion import InversionInput, plan_edit
 from services.jobs import JobContext
+from services.plan import InversionInput, plan_edit
 from services.stages import (
     JobOutput,
     JobProgress,
@@ -53,18 +53,20 @@ class KeyframesServicer(StageServicer, keyframes_pb2_grpc.KeyframesServicer):
     stage = "keyframes"
     kind = KIND
     service_name = SERVICE_NAME
+    response_type = keyframes_pb2.EditKeyframesResponse
+    cancel_response_type = keyframes_pb2.KeyframesCancelResponse
 
     def EditKeyframes(  # noqa: N802 - gRPC method name
-        self, request: keyframes_pb2.KeyframesRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.JobEvent]:
+        self, request: keyframes_pb2.EditKeyframesRequest, context: grpc.ServicerContext
+    ) -> Iterator[keyframes_pb2.EditKeyframesResponse]:
         return self.stream("EditKeyframes", context, lambda: self._plan(request))
 
     def Cancel(  # noqa: N802 - gRPC method name
-        self, request: common_pb2.CancelRequest, context: grpc.ServicerContext
-    ) -> common_pb2.CancelResponse:
+        self, request: keyframes_pb2.KeyframesCancelRequest, context: grpc.ServicerContext
+    ) -> keyframes_pb2.KeyframesCancelResponse:
         return self.cancel(request, context)
 
-    def _plan(self, request: keyframes_pb2.KeyframesRequest) -> Plan:
+    def _plan(self, request: keyframes_pb2.EditKeyframesRequest) -> Plan:
         return plan_edit(self, request.inversion_digest, request.edit, self._run, preview=True)
 
     def _run(self, ctx: JobContext, source: InversionInput, spec: EditSpec, key: str) -> JobOutput:
@@ -87,7 +89,7 @@ class KeyframesServicer(StageServicer, keyframes_pb2_grpc.KeyframesServicer):
             **index,
             "inversion": source.digest,
             "inversion_psnr": (source.meta or {}).get("reconstruction_psnr"),
-            "edit": spec.canonical(),
+            "edit": spec.to_dict(),
         }
         manifest = self.store.put(KIND, key, files, meta=meta)
         progress.frames_processed(len(indices))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import grpc
 
-from services.inversion import InversionInput, plan_edit, video_path
+from services.inversion import video_path
 from services.jobs import JobContext
+from services.plan import InversionInput, plan_edit
 from services.stages import (
     JobOutput,
     JobProgress,
@@ -45,15 +46,17 @@ class PropagationServicer(StageServicer, propagation_pb2_grpc.PropagationService
     stage = "propagation"
     kind = KIND
     service_name = SERVICE_NAME
+    response_type = propagation_pb2.PropagateResponse
+    cancel_response_type = propagation_pb2.PropagationCancelResponse
 
     def Propagate(  # noqa: N802 - gRPC method name
         self, request: propagation_pb2.PropagateRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.JobEvent]:
+    ) -> Iterator[propagation_pb2.PropagateResponse]:
         return self.stream("Propagate", context, lambda: self._plan(request))
 
     def Cancel(  # noqa: N802 - gRPC method name
-        self, request: common_pb2.CancelRequest, context: grpc.ServicerContext
-    ) -> common_pb2.CancelResponse:
+        self, request: propagation_pb2.PropagationCancelRequest, context: grpc.ServicerContext
+    ) -> propagation_pb2.PropagationCancelResponse:
         return self.cancel(request, context)
 
     def _plan(self, request: propagation_pb2.PropagateRequest) -> Plan:
@@ -99,7 +102,7 @@ class PropagationServicer(StageServicer, propagation_pb2_grpc.PropagationService
                 **info,
                 "inversion": source.digest,
                 "inversion_psnr": finite_or_none(inversion.reconstruction_psnr),
-                "edit": spec.canonical(),
+                "edit": spec.to_dict(),
             }
             manifest = self.store.put(
                 KIND,

@@ -26,147 +26,42 @@ from typing import Any, ClassVar
 
 import grpc
 
+from services.convert import artifact_kind, enum_value, progress_message
 from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
 from services.status import abort_with, outcome_for
-from services.store import ArtifactStore, Manifest, artifact_key, is_digest
+from services.store import ArtifactStore, Manifest, is_digest
 from tokenflow.errors import SpecError
 from tokenflow.progress import JobHooks
 from tokenflow.progress import ProgressEvent as LibraryProgress
-from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
 from tokenflow_pb.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 LOW_PSNR_DB = 25.0
 """Below this reconstruction PSNR a clip inverts poorly and edits may not follow the source."""
-_PROGRESS_FIELDS = frozenset(common_pb2.Progress.DESCRIPTOR.fields_by_name) - {"job_id"}
 _STEP_PHASES = frozenset({"invert", "reconstruct", "edit", "keyframes"})
 """Library phases whose steps are UNet (denoising or inversion) steps."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# proto specs -> library specs (unset `optional` fields -> library defaults)
+# request checks
 
 
 def check_digest(value: str, what: str, hint: str) -> str:
     """Reject a malformed content address with a message saying where a good one comes from."""
     if not is_digest(value):
         raise SpecError(
-            f"{what} {value[:80]!r} is not a digest: expected 64 lowercase hex characters; {hint}"
+            f"{what} {value[:80]!r} is not a digest: expected 64 lowercase hex characters; {hint}", field=what
         )
     return value
-
-
-def decode_spec_from_proto(msg: common_pb2.DecodeSpec) -> DecodeSpec:
-    """Validated DecodeSpec; width/height must be set together (0 and 0 = automatic size)."""
-    if (msg.width == 0) != (msg.height == 0):
-        raise SpecError(
-            f"decode.width and decode.height must be set together (got {msg.width}x{msg.height}); "
-            "set both, or neither for an automatic size"
-        )
-    spec = DecodeSpec(
-        start=msg.start,
-        max_frames=msg.max_frames or None,
-        stride=msg.stride if msg.HasField("stride") else DecodeSpec.stride,
-        size=(msg.width, msg.height) if msg.width else None,
-        target_area=msg.target_area if msg.HasField("target_area") else DecodeSpec.target_area,
-    )
-    return spec.validate()
-
-
-def inversion_spec_from_proto(msg: common_pb2.InversionSpec) -> InversionSpec:
-    d = InversionSpec()
-    spec = InversionSpec(
-        prompt=msg.prompt,
-        steps=msg.steps if msg.HasField("steps") else d.steps,
-        edit_steps=msg.edit_steps if msg.HasField("edit_steps") else d.edit_steps,
-        reconstruct=msg.reconstruct if msg.HasField("reconstruct") else d.reconstruct,
-        batch_size=msg.batch_size if msg.HasField("batch_size") else d.batch_size,
-    )
-    return spec.validate()
-
-
-_METHODS: dict[int, str] = {
-    common_pb2.EDIT_METHOD_UNSPECIFIED: "tokenflow",
-    common_pb2.EDIT_METHOD_TOKENFLOW: "tokenflow",
-    common_pb2.EDIT_METHOD_SDEDIT: "sdedit",
-    common_pb2.EDIT_METHOD_PER_FRAME: "per-frame",
-    common_pb2.EDIT_METHOD_RECONSTRUCT: "reconstruct",
-}
-_WEIGHTINGS: dict[int, str] = {
-    common_pb2.PROPAGATION_WEIGHTING_UNSPECIFIED: "sigmoid",
-    common_pb2.PROPAGATION_WEIGHTING_SIGMOID: "sigmoid",
-    common_pb2.PROPAGATION_WEIGHTING_LINEAR: "linear",
-}
-
-
-def edit_spec_from_proto(msg: common_pb2.EditSpec) -> EditSpec:
-    d = EditSpec(prompt="")
-    if msg.method not in _METHODS:
-        raise SpecError(f"edit.method {msg.method} is unknown: use one of the EditMethod values")
-    if msg.propagation_weighting not in _WEIGHTINGS:
-        raise SpecError(f"edit.propagation_weighting {msg.propagation_weighting} is unknown")
-
-    def opt(name: str) -> Any:
-        return getattr(msg, name) if msg.HasField(name) else getattr(d, name)
-
-    spec = EditSpec(
-        prompt=msg.prompt,
-        negative_prompt=opt("negative_prompt"),
-        guidance_scale=opt("guidance_scale"),
-        pnp_attn_t=opt("pnp_attn_t"),
-        pnp_f_t=opt("pnp_f_t"),
-        seed=msg.seed,
-        keyframe_interval=opt("keyframe_interval"),
-        chunk_size=opt("chunk_size"),
-        method=_METHODS[msg.method],
-        sdedit_start=opt("sdedit_start"),
-        keyframe_schedule=tuple(tuple(row.frames) for row in msg.keyframe_schedule) or None,
-        propagation_weighting=_WEIGHTINGS[msg.propagation_weighting],
-        crf=opt("crf"),
-    )
-    return spec.validate()
-
-
-def edit_key(kind: str, inversion_digest: str, spec: EditSpec, fingerprint: str) -> str:
-    """Content address of an edit result (keyframes or propagation) of one inversion."""
-    return artifact_key(kind, {"inversion": inversion_digest, "edit": spec.canonical(), "model": fingerprint})
 
 
 def model_meta(host: ModelHost) -> dict[str, Any]:
     """The model part of every artifact's metadata (the Result reports it)."""
     model = host.get()
     return {"model": model.fingerprint, "model_name": model.name, "test_model": bool(model.is_test_model)}
-
-
-def check_edit_against_inversion(
-    spec: EditSpec, meta: Mapping[str, Any], fingerprint: str, digest: str, preview: bool
-) -> None:
-    """Refuse, before queueing, an edit the library would refuse later for this inversion."""
-    from tokenflow.schedule import validate_schedule
-
-    if meta.get("model") != fingerprint:
-        raise SpecError(
-            f"inversion {digest[:12]} was made with another model ({meta.get('model_name', '?')}) than this "
-            "server's: invert the video again on this server"
-        )
-    steps, frames = int(meta["edit_steps"]), int(meta["frames"])
-    if preview and spec.method not in ("tokenflow", "sdedit"):
-        raise SpecError(
-            f"keyframe previews exist for the tokenflow and sdedit methods, not {spec.method!r}: "
-            "use Propagation.Propagate for it"
-        )
-    run_steps = steps
-    if spec.method == "sdedit":
-        run_steps = int(steps * spec.sdedit_start)
-        if run_steps < 1:
-            raise SpecError(
-                f"edit.sdedit_start {spec.sdedit_start} leaves no denoising step of {steps}: raise it"
-            )
-    if not preview and spec.keyframe_schedule is not None and spec.method in ("tokenflow", "sdedit"):
-        validate_schedule(spec.keyframe_schedule, frames, spec.keyframe_interval, run_steps)
 
 
 def common_warnings(meta: Mapping[str, Any], psnr_key: str) -> list[str]:
@@ -304,12 +199,6 @@ class JobProgress:
             self._last_frames[phase] = event.frames_done
 
 
-def progress_message(job_id: str, data: Mapping[str, Any]) -> common_pb2.Progress:
-    return common_pb2.Progress(
-        job_id=job_id, **{k: v for k, v in data.items() if k in _PROGRESS_FIELDS and v is not None}
-    )
-
-
 def _gone_outcome(context: grpc.ServicerContext) -> str:
     """Why a caller left before the end: its deadline passed, or it cancelled / disconnected."""
     try:
@@ -333,6 +222,9 @@ class StageServicer:
     stage: ClassVar[str]
     kind: ClassVar[str]
     service_name: ClassVar[str]
+    response_type: ClassVar[Any]
+    """The job RPC's stream message (InvertResponse, ...): a oneof `event` of `progress` or `result`."""
+    cancel_response_type: ClassVar[Any]
 
     def __init__(
         self,
@@ -362,7 +254,7 @@ class StageServicer:
         return common_pb2.Result(
             job_id=manifest.key,
             digest=manifest.key,
-            kind=manifest.kind,
+            kind=artifact_kind(manifest.kind),
             cache_hit=cache_hit,
             files=[
                 common_pb2.FileInfo(name=n, size=e.size, sha256=e.sha256, media_type=e.media_type)
@@ -377,8 +269,8 @@ class StageServicer:
 
     def stream(
         self, method: str, context: grpc.ServicerContext, plan: Callable[[], Plan]
-    ) -> Iterator[common_pb2.JobEvent]:
-        """Run the request flow of the module docstring, yielding JobEvents; errors abort the RPC."""
+    ) -> Iterator[Any]:
+        """Run the request flow of the module docstring, yielding `response_type` events."""
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -386,8 +278,8 @@ class StageServicer:
                 p = plan()
                 stored = self.store.get(p.key, kind=self.kind)
                 if stored is not None:
-                    yield common_pb2.JobEvent(progress=self._cached_progress(p.key))
-                    yield common_pb2.JobEvent(result=self.result(stored.manifest, cache_hit=True))
+                    yield self.response_type(progress=self._cached_progress(p.key))
+                    yield self.response_type(result=self.result(stored.manifest, cache_hit=True))
                     return
                 if self._draining.is_set():
                     raise ShuttingDown(f"the {self.stage} service is shutting down; retry on another replica")
@@ -400,9 +292,9 @@ class StageServicer:
                         if isinstance(event, ResultEvent):
                             out: JobOutput = event.result
                             result = self.result(out.manifest, cache_hit=not out.computed)
-                            yield common_pb2.JobEvent(result=result)
+                            yield self.response_type(result=result)
                         else:
-                            yield common_pb2.JobEvent(progress=progress_message(event.job_id, event.data))
+                            yield self.response_type(progress=progress_message(event.job_id, event.data))
             except Exception as e:  # mapped to a status; the abort's own exception propagates
                 outcome = outcome_for(e)
                 abort_with(context, e)
@@ -414,13 +306,13 @@ class StageServicer:
     def _cached_progress(self, key: str) -> common_pb2.Progress:
         return common_pb2.Progress(
             job_id=key,
-            stage=self.stage,
-            phase="cached",
+            stage=enum_value(common_pb2.Stage, self.stage),
+            phase=common_pb2.PHASE_CACHED,
             cache_hit=True,
             message="already computed: returning the stored result",
         )
 
-    def cancel(self, request: common_pb2.CancelRequest, context: grpc.ServicerContext) -> Any:
+    def cancel(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The stages' Cancel RPC: stop a queued or running job for every attached caller."""
         started = time.perf_counter()
         outcome = "ok"
@@ -432,7 +324,7 @@ class StageServicer:
                 if cancelled
                 else f"no queued or running {self.stage} job {request.job_id[:12]} (it may have finished)"
             )
-            return common_pb2.CancelResponse(cancelled=cancelled, message=message)
+            return self.cancel_response_type(cancelled=cancelled, message=message)
         except Exception as e:
             outcome = outcome_for(e)
             abort_with(context, e)

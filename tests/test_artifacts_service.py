@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 
 from services.artifacts import CHUNK_SIZE, SERVICE_NAME, ArtifactsServicer, add_to_server
 from services.store import ArtifactStore
-from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc
+from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
+
+VIDEO = common_pb2.ARTIFACT_KIND_VIDEO
 
 MiB = 1 << 20
 MAX_UPLOAD = 12 * MiB
@@ -51,7 +54,7 @@ def upload_requests(
     filename: str = "clip.mp4",
     sha256: str = "",
     total_size: int | None = None,
-    kind: str = "video",
+    kind: int = VIDEO,
 ) -> Iterator[artifacts_pb2.UploadRequest]:
     yield artifacts_pb2.UploadRequest(
         header=artifacts_pb2.UploadHeader(
@@ -68,7 +71,7 @@ def upload_requests(
 
 def download(
     stub: artifacts_pb2_grpc.ArtifactsStub, digest: str, name: str = "", offset: int = 0
-) -> tuple[artifacts_pb2.DownloadHeader, list[artifacts_pb2.DownloadChunk]]:
+) -> tuple[artifacts_pb2.DownloadHeader, list[artifacts_pb2.DownloadResponse]]:
     messages = list(stub.Download(artifacts_pb2.DownloadRequest(digest=digest, name=name, offset=offset)))
     assert messages[0].WhichOneof("payload") == "header"
     assert all(m.WhichOneof("payload") == "chunk" for m in messages[1:])
@@ -78,7 +81,7 @@ def download(
 def code_of(call: Any, *args: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args)
-        if not isinstance(result, artifacts_pb2.ArtifactRef | artifacts_pb2.ArtifactInfo):
+        if not isinstance(result, artifacts_pb2.UploadResponse | artifacts_pb2.GetResponse):
             list(result)
     return info.value.code(), info.value.details()
 
@@ -92,12 +95,12 @@ def test_upload_and_download_10_mib(srv: Server) -> None:
     data = os.urandom(10 * MiB + 123)
     digest = hashlib.sha256(data).hexdigest()
     ref = srv.stub.Upload(upload_requests(data, sha256=digest))
-    assert ref.digest == digest and ref.kind == "video" and ref.size == len(data)
+    assert ref.digest == digest and ref.kind == VIDEO and ref.size == len(data)
     assert ref.primary == "source.mp4" and not ref.existed
     assert srv.stub.Upload(upload_requests(data)).existed  # content-addressed: stored once
 
     header, chunks = download(srv.stub, digest)
-    assert header.digest == digest and header.kind == "video" and header.name == "source.mp4"
+    assert header.digest == digest and header.kind == VIDEO and header.name == "source.mp4"
     assert header.size == len(data) and header.sha256 == digest and header.media_type == "video/mp4"
     assert header.filename == "clip.mp4"
     assert b"".join(c.chunk for c in chunks) == data
@@ -110,8 +113,10 @@ def test_upload_and_download_10_mib(srv: Server) -> None:
     header, chunks = download(srv.stub, digest, offset=5 * MiB + 7)
     assert header.offset == 5 * MiB + 7 and b"".join(c.chunk for c in chunks) == data[5 * MiB + 7 :]
 
-    info = srv.stub.Stat(artifacts_pb2.StatRequest(digest=digest))
-    assert info.kind == "video" and info.total_size == len(data) and info.primary == "source.mp4"
+    before = time.time()
+    info = srv.stub.Get(artifacts_pb2.GetRequest(digest=digest)).artifact
+    assert abs(info.create_time.ToNanoseconds() / 1e9 - before) < 120
+    assert info.kind == VIDEO and info.total_size == len(data) and info.primary == "source.mp4"
     assert [(f.name, f.size, f.sha256) for f in info.files] == [("source.mp4", len(data), digest)]
     assert json.loads(info.meta_json)["filename"] == "clip.mp4"
     assert list(srv.store.tmp_dir.iterdir()) == []  # the upload's temp file is gone
@@ -129,7 +134,7 @@ def test_unknown_and_malformed_digests(srv: Server) -> None:
     unknown = hashlib.sha256(b"never uploaded").hexdigest()
     code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=unknown))
     assert code is grpc.StatusCode.NOT_FOUND and "Artifacts.Upload" in details
-    code, _ = code_of(srv.stub.Stat, artifacts_pb2.StatRequest(digest=unknown))
+    code, _ = code_of(srv.stub.Get, artifacts_pb2.GetRequest(digest=unknown))
     assert code is grpc.StatusCode.NOT_FOUND
     for bad in ["", "xyz", "../../etc/passwd", unknown.upper()]:
         code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=bad))
@@ -167,7 +172,9 @@ def test_sha_mismatch_and_bad_headers(srv: Server) -> None:
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     code, _ = code_of(srv.stub.Upload, upload_requests(data, total_size=len(data) + 1))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = code_of(srv.stub.Upload, upload_requests(data, kind="model"))
+    code, _ = code_of(srv.stub.Upload, upload_requests(data, kind=common_pb2.ARTIFACT_KIND_INVERSION))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = code_of(srv.stub.Upload, upload_requests(data, kind=common_pb2.ARTIFACT_KIND_UNSPECIFIED))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     two_headers = list(upload_requests(data))
     code, _ = code_of(srv.stub.Upload, iter([two_headers[0], two_headers[0], *two_headers[1:]]))
@@ -193,7 +200,7 @@ def test_internal_errors_do_not_leak(srv: Server, monkeypatch: pytest.MonkeyPatc
         raise RuntimeError("secret /srv/cache/path exploded")
 
     monkeypatch.setattr(srv.store, "stat", broken)
-    code, details = code_of(srv.stub.Stat, artifacts_pb2.StatRequest(digest="0" * 64))
+    code, details = code_of(srv.stub.Get, artifacts_pb2.GetRequest(digest="0" * 64))
     assert code is grpc.StatusCode.INTERNAL and "secret" not in details and "internal error" in details
     assert_still_serving(srv)
 

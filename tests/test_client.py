@@ -17,6 +17,7 @@ import pytest
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients.cli import main
+from clients.client import kind_name
 from tokenflow_pb.v1 import common_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,7 +295,8 @@ def test_upload_and_download_bytes_with_progress(target: str, tmp_path: Path) ->
     assert path.read_bytes() == data
     assert sent[-1] == (len(data), len(data)) and len(sent) == 3
     assert received[-1] == (len(data), len(data))
-    assert info.kind == "video" and info.total_size == len(data)
+    assert info.kind == common_pb2.ARTIFACT_KIND_VIDEO and info.total_size == len(data)
+    assert kind_name(info.kind) == "video" and info.create_time.seconds > 0
     assert [p.name for p in tmp_path.iterdir()] == ["blob"]  # no temporary file left
 
 
@@ -308,8 +310,10 @@ def test_client_errors_carry_code_and_message(target: str, tmp_path: Path) -> No
             client.invert("f" * 64, decode=decode_spec(size=(64, 64)))
         assert info.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(ClientError) as info:
-            client.upload(b"x", kind="pickle")
+            client.upload(b"x", kind="inversion")  # a kind, but not one that can be uploaded
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(ValueError, match="unknown kind"):
+            client.upload(b"x", kind="pickle")
         with pytest.raises(ClientError) as info:
             client.download("0" * 64, tmp_path)
         assert info.value.code == grpc.StatusCode.NOT_FOUND
@@ -322,7 +326,7 @@ def test_client_errors_carry_code_and_message(target: str, tmp_path: Path) -> No
 
 
 def test_stage_calls_through_the_library(target: str, clip: Path) -> None:
-    events: list[common_pb2.JobEvent] = []
+    events: list[Any] = []
     with TokenFlowClient(target, timeout=300) as client:
         video = client.upload(clip)
         inversion = client.invert(
@@ -331,10 +335,10 @@ def test_stage_calls_through_the_library(target: str, clip: Path) -> None:
             inversion=inversion_spec(steps=4, edit_steps=2, reconstruct=False),
             on_event=events.append,
         )
-        assert inversion.kind == "inversion" and inversion.inversion.frames == FRAMES
+        assert kind_name(inversion.kind) == "inversion" and inversion.inversion.frames == FRAMES
         assert events[-1].result == inversion
         result = client.propagate(inversion.digest, edit_spec("a cat", method="per-frame", seed=5))
-        assert result.kind == "propagation" and result.propagation.frames == FRAMES
+        assert kind_name(result.kind) == "propagation" and result.propagation.frames == FRAMES
         (same,) = client.edit(
             video,
             [edit_spec("a cat", method="per-frame", seed=5)],

@@ -30,8 +30,11 @@ from services.metrics import Metrics
 from tokenflow_pb.v1 import (
     common_pb2,
     editor_pb2,
+    inversion_pb2,
     inversion_pb2_grpc,
+    keyframes_pb2,
     keyframes_pb2_grpc,
+    propagation_pb2,
     propagation_pb2_grpc,
 )
 
@@ -46,9 +49,28 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def _progress(stage: str, step: int, total: int) -> common_pb2.JobEvent:
-    return common_pb2.JobEvent(
-        progress=common_pb2.Progress(stage=stage, phase=stage, step=step, total_steps=total)
+RESPONSES: dict[str, Any] = {
+    "inversion": inversion_pb2.InvertResponse,
+    "keyframes": keyframes_pb2.EditKeyframesResponse,
+    "propagation": propagation_pb2.PropagateResponse,
+}
+STAGE = {
+    "inversion": common_pb2.STAGE_INVERSION,
+    "keyframes": common_pb2.STAGE_KEYFRAMES,
+    "propagation": common_pb2.STAGE_PROPAGATION,
+}
+KIND = {
+    "inversion": common_pb2.ARTIFACT_KIND_INVERSION,
+    "keyframes": common_pb2.ARTIFACT_KIND_KEYFRAMES,
+    "propagation": common_pb2.ARTIFACT_KIND_PROPAGATION,
+}
+
+
+def _progress(stage: str, step: int, total: int) -> Any:
+    return RESPONSES[stage](
+        progress=common_pb2.Progress(
+            stage=STAGE[stage], phase=common_pb2.PHASE_EDIT, step=step, total_steps=total
+        )
     )
 
 
@@ -67,18 +89,21 @@ class FakeStages(
         self.block = False
         self.ended = threading.Event()
 
-    def Invert(self, request: Any, context: grpc.ServicerContext) -> Iterator[common_pb2.JobEvent]:  # noqa: N802
+    def Invert(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         self.invert_calls.append(request)
         yield _progress("inversion", 1, 2)
         yield _progress("inversion", 2, 2)
         digest = _digest("inversion", request.video_digest)
-        yield common_pb2.JobEvent(
+        yield inversion_pb2.InvertResponse(
             result=common_pb2.Result(
-                job_id=digest, digest=digest, kind="inversion", inversion=common_pb2.InversionInfo(frames=4)
+                job_id=digest,
+                digest=digest,
+                kind=KIND["inversion"],
+                inversion=common_pb2.InversionInfo(frames=4),
             )
         )
 
-    def _edit(self, request: Any, context: grpc.ServicerContext, kind: str) -> Iterator[common_pb2.JobEvent]:
+    def _edit(self, request: Any, context: grpc.ServicerContext, kind: str) -> Iterator[Any]:
         self.edit_calls.append(request)
         self.remaining.append(context.time_remaining())
         context.add_callback(self.ended.set)  # fires when the call ends, however it ends
@@ -92,17 +117,17 @@ class FakeStages(
         digest = _digest(
             kind, request.inversion_digest, request.edit.SerializeToString(deterministic=True).hex()
         )
-        result = common_pb2.Result(job_id=digest, digest=digest, kind=kind)
+        result = common_pb2.Result(job_id=digest, digest=digest, kind=KIND[kind])
         if kind == "propagation":
             result.propagation.video_file = "video.mp4"
         else:
             result.keyframes.image_files.append("keyframe_0000.png")
-        yield common_pb2.JobEvent(result=result)
+        yield RESPONSES[kind](result=result)
 
-    def Propagate(self, request: Any, context: grpc.ServicerContext) -> Iterator[common_pb2.JobEvent]:  # noqa: N802
+    def Propagate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         yield from self._edit(request, context, "propagation")
 
-    def EditKeyframes(self, request: Any, context: grpc.ServicerContext) -> Iterator[common_pb2.JobEvent]:  # noqa: N802
+    def EditKeyframes(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         yield from self._edit(request, context, "keyframes")
 
 
@@ -157,13 +182,13 @@ def test_editor_inverts_once_and_dedupes_identical_edits(scripted: ScriptedServe
 
     assert len(scripted.stages.invert_calls) == 1
     assert [c.edit.prompt for c in scripted.stages.edit_calls] == ["a cat", "a dog"]
-    assert [r.kind for r in results] == ["propagation"] * 3
+    assert [r.kind for r in results] == [common_pb2.ARTIFACT_KIND_PROPAGATION] * 3
     assert results[0].digest == results[2].digest != results[1].digest
     assert results[2].cache_hit and not results[0].cache_hit
     # The inversion's events come first, tagged -1; then each edit's, in order; one Result per index.
     # A duplicate's Result follows its original's at once.
     assert [e.edit_index for e in events] == [-1, -1, -1, 0, 0, 2, 1, 1]
-    result_indices = [e.edit_index for e in events if e.event.WhichOneof("event") == "result"]
+    result_indices = [e.edit_index for e in events if e.WhichOneof("event") == "result"]
     assert sorted(result_indices) == [-1, 0, 1, 2]
     # Every edit was made from the inversion's result.
     assert {c.inversion_digest for c in scripted.stages.edit_calls} == {_digest("inversion", VIDEO)}
@@ -172,7 +197,7 @@ def test_editor_inverts_once_and_dedupes_identical_edits(scripted: ScriptedServe
 
 def test_editor_keyframes_only_calls_the_keyframes_stage(scripted: ScriptedServer) -> None:
     (result,) = scripted.client.edit(VIDEO, "a cat", keyframes_only=True)
-    assert result.kind == "keyframes"
+    assert result.kind == common_pb2.ARTIFACT_KIND_KEYFRAMES
     assert list(result.keyframes.image_files) == ["keyframe_0000.png"]
 
 
@@ -204,7 +229,7 @@ def test_editor_rejects_bad_requests_before_inverting(
     from tokenflow_pb.v1 import editor_pb2_grpc
 
     stub = editor_pb2_grpc.EditorStub(scripted.client.channel)
-    request = editor_pb2.EditorRequest(**{"video_digest": VIDEO, "edits": [edit_spec("a cat")], **fields})
+    request = editor_pb2.EditRequest(**{"video_digest": VIDEO, "edits": [edit_spec("a cat")], **fields})
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Edit(request, timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -306,22 +331,22 @@ class Recorder:
     """on_event callback keeping the Editor's events."""
 
     def __init__(self) -> None:
-        self.events: list[editor_pb2.EditorEvent] = []
+        self.events: list[editor_pb2.EditResponse] = []
 
-    def __call__(self, event: editor_pb2.EditorEvent) -> None:
+    def __call__(self, event: editor_pb2.EditResponse) -> None:
         self.events.append(event)
 
     def inversion_result(self) -> common_pb2.Result:
         (result,) = [
-            e.event.result
+            e.result
             for e in self.events
-            if e.edit_index == -1 and e.event.WhichOneof("event") == "result"
+            if e.edit_index == -1 and e.WhichOneof("event") == "result"
         ]
         return result
 
     def progress(self, index: int) -> list[common_pb2.Progress]:
         return [
-            e.event.progress for e in self.events if e.edit_index == index and e.event.HasField("progress")
+            e.progress for e in self.events if e.edit_index == index and e.HasField("progress")
         ]
 
 
@@ -353,7 +378,8 @@ def run_edit_flow(
     assert not cold.inversion_result().cache_hit
     assert cold.progress(-1), "the inversion's progress is streamed with edit_index -1"
     assert cold.progress(0), "the edit's progress is streamed with its index"
-    assert result_a.kind == "propagation" and not result_a.cache_hit and result_a.test_model
+    assert result_a.kind == common_pb2.ARTIFACT_KIND_PROPAGATION
+    assert not result_a.cache_hit and result_a.test_model
 
     warm = Recorder()
     (result_b,) = client.edit(video, PROMPT_B, decode=DECODE, inversion=INVERSION, on_event=warm, timeout=300)
@@ -518,7 +544,8 @@ def test_stages_as_separate_processes_share_one_cache(tmp_path: Path, clip: Path
             # The inversion process's metrics prove the second edit did not invert again.
             run_edit_flow(client, clip, tmp_path, stages["inversion"].metrics_port, editor.metrics_port)
             (preview,) = client.edit(clip, PROMPT_B, decode=DECODE, inversion=INVERSION, keyframes_only=True)
-            assert preview.kind == "keyframes" and len(preview.keyframes.image_files) >= 1
+            assert preview.kind == common_pb2.ARTIFACT_KIND_KEYFRAMES
+            assert len(preview.keyframes.image_files) >= 1
             png = client.download(preview.digest, tmp_path / "k.png", name=preview.keyframes.image_files[0])
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

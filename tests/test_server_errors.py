@@ -15,9 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.config import STAGES, ServerConfig
-from services.inversion import inversion_key
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
+from tokenflow.keys import inversion_key
 from tokenflow.specs import DecodeSpec, InversionSpec
 from tokenflow.synthetic import make_clip
 from tokenflow_pb.v1 import (
@@ -57,7 +57,9 @@ class Client:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def upload(self, data: bytes, filename: str = "clip.mp4") -> str:
-        header = artifacts_pb2.UploadHeader(kind="video", filename=filename, total_size=len(data))
+        header = artifacts_pb2.UploadHeader(
+            kind=common_pb2.ARTIFACT_KIND_VIDEO, filename=filename, total_size=len(data)
+        )
         requests = [artifacts_pb2.UploadRequest(header=header), artifacts_pb2.UploadRequest(chunk=data)]
         return self.artifacts.Upload(iter(requests), timeout=30).digest
 
@@ -172,12 +174,14 @@ def test_malformed_digests_are_invalid_arguments(client: Client) -> None:
         lambda: client.invert("not-a-digest"),
         lambda: client.invert("AB" * 32),
         lambda: client.keyframes.EditKeyframes(
-            keyframes_pb2.KeyframesRequest(inversion_digest="abc", edit=common_pb2.EditSpec(prompt="a cat"))
+            keyframes_pb2.EditKeyframesRequest(
+                inversion_digest="abc", edit=common_pb2.EditSpec(prompt="a cat")
+            )
         ),
         lambda: client.propagation.Propagate(
             propagation_pb2.PropagateRequest(inversion_digest="", edit=common_pb2.EditSpec(prompt="a cat"))
         ),
-        lambda: client.propagation.Cancel(common_pb2.CancelRequest(job_id="123")),
+        lambda: client.propagation.Cancel(propagation_pb2.PropagationCancelRequest(job_id="123")),
     ]
     for call in calls:
         error = error_of(call)
@@ -192,7 +196,9 @@ def test_unknown_digests_are_not_found_with_what_to_do(client: Client) -> None:
     assert "Artifacts.Upload" in error.details()
     for call in (
         lambda: client.keyframes.EditKeyframes(
-            keyframes_pb2.KeyframesRequest(inversion_digest=UNKNOWN, edit=common_pb2.EditSpec(prompt="a cat"))
+            keyframes_pb2.EditKeyframesRequest(
+                inversion_digest=UNKNOWN, edit=common_pb2.EditSpec(prompt="a cat")
+            )
         ),
         lambda: client.propagation.Propagate(
             propagation_pb2.PropagateRequest(
@@ -227,7 +233,7 @@ def test_bytes_that_are_not_a_video_are_rejected_and_nothing_is_stored(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "video" in error.details()
     key = inversion_key(
-        video, DecodeSpec(size=(64, 64)), InversionSpec(steps=4, edit_steps=2), host.fingerprint
+        video, DecodeSpec.sized((64, 64)), InversionSpec(steps=4, edit_steps=2), host.fingerprint
     )
     assert not server.store.contains(key)
     assert not list(server.store.tmp_dir.iterdir())  # no scratch files left behind
@@ -316,7 +322,7 @@ def test_a_keyframe_preview_of_a_method_without_keyframes_is_an_invalid_argument
     spec = common_pb2.EditSpec(prompt="a cat", method=common_pb2.EDIT_METHOD_PER_FRAME)
     error = error_of(
         lambda: client.keyframes.EditKeyframes(
-            keyframes_pb2.KeyframesRequest(inversion_digest=inversion, edit=spec)
+            keyframes_pb2.EditKeyframesRequest(inversion_digest=inversion, edit=spec)
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -185,7 +185,9 @@ def test_metrics_page_has_requests_cache_and_grpc_series(
     server: RunningServer, channel: grpc.Channel, tmp_path: Path
 ) -> None:
     data = make_clip(tmp_path / "clip.mp4", frames=8, size=(64, 64), fps=8).read_bytes()
-    header = artifacts_pb2.UploadHeader(kind="video", filename="clip.mp4", total_size=len(data))
+    header = artifacts_pb2.UploadHeader(
+        kind=common_pb2.ARTIFACT_KIND_VIDEO, filename="clip.mp4", total_size=len(data)
+    )
     video = (
         artifacts_pb2_grpc.ArtifactsStub(channel)
         .Upload(iter([artifacts_pb2.UploadRequest(header=header), artifacts_pb2.UploadRequest(chunk=data)]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,9 @@ class Client:
     def upload(self, data: bytes, filename: str = "clip.mp4") -> str:
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
             yield artifacts_pb2.UploadRequest(
-                header=artifacts_pb2.UploadHeader(kind="video", filename=filename, total_size=len(data))
+                header=artifacts_pb2.UploadHeader(
+                    kind=common_pb2.ARTIFACT_KIND_VIDEO, filename=filename, total_size=len(data)
+                )
             )
             for i in range(0, len(data), 1 << 20):
                 yield artifacts_pb2.UploadRequest(chunk=data[i : i + (1 << 20)])
@@ -80,11 +82,11 @@ class Client:
 
     def invert(
         self, video: str, inversion: common_pb2.InversionSpec = INVERSION
-    ) -> list[common_pb2.JobEvent]:
+    ) -> list[inversion_pb2.InvertResponse]:
         request = inversion_pb2.InvertRequest(video_digest=video, decode=DECODE, inversion=inversion)
         return list(self.inversion.Invert(request, timeout=120))
 
-    def propagate(self, inversion: str, spec: common_pb2.EditSpec) -> list[common_pb2.JobEvent]:
+    def propagate(self, inversion: str, spec: common_pb2.EditSpec) -> list[propagation_pb2.PropagateResponse]:
         request = propagation_pb2.PropagateRequest(inversion_digest=inversion, edit=spec)
         return list(self.propagation.Propagate(request, timeout=120))
 
@@ -92,7 +94,7 @@ class Client:
         self.channel.close()
 
 
-def result_of(events: list[common_pb2.JobEvent]) -> common_pb2.Result:
+def result_of(events: Sequence[Any]) -> common_pb2.Result:
     assert events and events[-1].WhichOneof("event") == "result", events
     assert all(e.WhichOneof("event") == "progress" for e in events[:-1])
     return events[-1].result
@@ -106,7 +108,7 @@ class Streamer:
     """Consumes a server stream on a thread, keeping every event and the final error."""
 
     def __init__(self, call: Callable[[], Any]) -> None:
-        self.events: list[common_pb2.JobEvent] = []
+        self.events: list[Any] = []
         self.error: grpc.RpcError | None = None
         self.first = threading.Event()
         self._call = call
@@ -207,11 +209,16 @@ def test_invert_streams_progress_then_a_result_and_caches_it(
     events = client.invert(video, common_pb2.InversionSpec(steps=4, edit_steps=2, batch_size=4))
     result = result_of(events)
     phases = [e.progress.phase for e in events[:-1]]
-    assert {"invert", "reconstruct"} <= set(phases)
-    steps = [e.progress for e in events[:-1] if e.progress.phase == "invert"]
+    assert {common_pb2.PHASE_INVERT, common_pb2.PHASE_RECONSTRUCT} <= set(phases)
+    assert all(e.progress.stage == common_pb2.STAGE_INVERSION for e in events[:-1])
+    steps = [e.progress for e in events[:-1] if e.progress.phase == common_pb2.PHASE_INVERT]
     assert [p.step for p in steps] == [1, 2, 3, 4] and all(p.total_steps == 4 for p in steps)
+    assert all(p.HasField("elapsed") for p in steps)
+    elapsed = [p.elapsed.ToNanoseconds() for p in steps]
+    assert elapsed == sorted(elapsed)
     assert all(e.progress.job_id == result.digest for e in events[:-1])
-    assert result.kind == "inversion" and not result.cache_hit and len(result.digest) == 64
+    assert result.kind == common_pb2.ARTIFACT_KIND_INVERSION
+    assert not result.cache_hit and len(result.digest) == 64
     info = result.inversion
     assert (info.frames, info.fps, info.width, info.height) == (FRAMES, 8.0, 64, 64)
     assert (info.steps, info.edit_steps, info.video_digest) == (4, 2, video)
@@ -226,16 +233,16 @@ def test_invert_streams_progress_then_a_result_and_caches_it(
     assert cached.cache_hit and cached.digest == result.digest
     assert cached.inversion == result.inversion
     assert sample(server, "tokenflow_inversions_total") == inversions + 1
-    stat = client.artifacts.Stat(artifacts_pb2.StatRequest(digest=result.digest))
-    assert stat.kind == "inversion"
+    stat = client.artifacts.Get(artifacts_pb2.GetRequest(digest=result.digest)).artifact
+    assert stat.kind == common_pb2.ARTIFACT_KIND_INVERSION
 
 
 def test_edit_keyframes_returns_png_images(client: Client, inverted: tuple[str, common_pb2.Result]) -> None:
     _, inversion = inverted
-    request = keyframes_pb2.KeyframesRequest(inversion_digest=inversion.digest, edit=edit())
+    request = keyframes_pb2.EditKeyframesRequest(inversion_digest=inversion.digest, edit=edit())
     result = result_of(list(client.keyframes.EditKeyframes(request, timeout=60)))
     info = result.keyframes
-    assert result.kind == "keyframes" and not result.cache_hit
+    assert result.kind == common_pb2.ARTIFACT_KIND_KEYFRAMES and not result.cache_hit
     assert list(info.keyframe_indices) == [2, 6]  # one per window of 4 frames, its middle frame
     assert (info.width, info.height) == (64, 64)
     for name in info.image_files:
@@ -251,7 +258,7 @@ def test_propagate_returns_the_edited_video_with_the_sources_frames_and_audio(
     _, inversion = inverted
     result = result_of(client.propagate(inversion.digest, edit()))
     info = result.propagation
-    assert result.kind == "propagation" and info.video_file == "edited.mp4"
+    assert result.kind == common_pb2.ARTIFACT_KIND_PROPAGATION and info.video_file == "edited.mp4"
     assert (info.frames, info.fps, info.width, info.height) == (FRAMES, 8.0, 64, 64)
     data = client.download(result.digest)  # the primary file
     assert hashlib.sha256(data).hexdigest() == info.video_sha256
@@ -326,14 +333,14 @@ def test_cancel_stops_a_running_job(
     job_id = caller.job_id()
     jobs = server.stages["inversion"].jobs
     wait_for(lambda: jobs.running == 1, what="the job to run")
-    response = client.inversion.Cancel(common_pb2.CancelRequest(job_id=job_id))
+    response = client.inversion.Cancel(inversion_pb2.InversionCancelRequest(job_id=job_id))
     assert response.cancelled
     caller.join()
     assert caller.error is not None and caller.error.code() == grpc.StatusCode.CANCELLED
     assert "cancel" in caller.error.details()
     wait_for(lambda: jobs.running == 0, what="the worker to be free")
     assert jobs.get(job_id) is None
-    assert not client.inversion.Cancel(common_pb2.CancelRequest(job_id=job_id)).cancelled
+    assert not client.inversion.Cancel(inversion_pb2.InversionCancelRequest(job_id=job_id)).cancelled
     assert not server.store.contains(job_id)
 
 
@@ -346,7 +353,7 @@ def test_a_caller_who_disconnects_and_asks_again_reattaches_to_the_same_job(
     )
     computed = sample(server, "tokenflow_jobs_total", stage="inversion", outcome="ok")
     inversions = sample(server, "tokenflow_inversions_total")
-    first: list[common_pb2.JobEvent] = []
+    first: list[inversion_pb2.InvertResponse] = []
     with pytest.raises(grpc.RpcError) as gone:
         for event in client.inversion.Invert(request, timeout=1.0):
             first.append(event)

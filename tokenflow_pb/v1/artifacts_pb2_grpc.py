@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from tokenflow_pb.v1 import artifacts_pb2 as tokenflow__pb_dot_v1_dot_artifacts__pb2
+from tokenflow_pb.v1 import artifacts_pb2 as tokenflow_dot_v1_dot_artifacts__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tokenflow_pb/v1/artifacts_pb2_grpc.py depends on'
+        + ' but the generated code in tokenflow/v1/artifacts_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class ArtifactsStub:
-    """Content-addressed artifact transfer: upload sources, download results, describe artifacts.
+    """Content-addressed artifacts: upload sources, download results, describe, list and delete artifacts.
     """
 
     def __init__(self, channel):
@@ -38,23 +38,33 @@ class ArtifactsStub:
         """
         self.Upload = channel.stream_unary(
                 '/tokenflow.v1.Artifacts/Upload',
-                request_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.UploadRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactRef.FromString,
+                request_serializer=tokenflow_dot_v1_dot_artifacts__pb2.UploadRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.UploadResponse.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/tokenflow.v1.Artifacts/Download',
-                request_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadChunk.FromString,
+                request_serializer=tokenflow_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.DownloadResponse.FromString,
                 _registered_method=True)
-        self.Stat = channel.unary_unary(
-                '/tokenflow.v1.Artifacts/Stat',
-                request_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.StatRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactInfo.FromString,
+        self.Get = channel.unary_unary(
+                '/tokenflow.v1.Artifacts/Get',
+                request_serializer=tokenflow_dot_v1_dot_artifacts__pb2.GetRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.GetResponse.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/tokenflow.v1.Artifacts/List',
+                request_serializer=tokenflow_dot_v1_dot_artifacts__pb2.ListRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/tokenflow.v1.Artifacts/Delete',
+                request_serializer=tokenflow_dot_v1_dot_artifacts__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.DeleteResponse.FromString,
                 _registered_method=True)
 
 
 class ArtifactsServicer:
-    """Content-addressed artifact transfer: upload sources, download results, describe artifacts.
+    """Content-addressed artifacts: upload sources, download results, describe, list and delete artifacts.
     """
 
     def Upload(self, request_iterator, context):
@@ -62,24 +72,42 @@ class ArtifactsServicer:
         with `chunk` pieces (at most 1 MiB each) in order. Returns the content address (sha256 of the bytes).
         Uploading bytes that are already stored is cheap and returns `existed = true`.
         Errors: INVALID_ARGUMENT (no header first, unsupported kind, size or sha256 mismatch, empty upload),
-        RESOURCE_EXHAUSTED (larger than the server's upload limit; nothing is stored).
+        RESOURCE_EXHAUSTED with reason INPUT_TOO_LARGE (larger than the server's upload limit; nothing is
+        stored; do not retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Download(self, request, context):
-        """Download one file of an artifact as a server stream: first a DownloadChunk with `header`, then
+        """Download one file of an artifact as a server stream: first a DownloadResponse with `header`, then
         `chunk` pieces (at most 1 MiB each) in order. The bytes are verified against the stored sha256
         before they are sent; clients should verify `header.sha256` too.
-        Errors: INVALID_ARGUMENT (malformed digest), NOT_FOUND (unknown digest or file name).
+        Errors: INVALID_ARGUMENT (malformed digest), NOT_FOUND (unknown digest or file name), DATA_LOSS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Stat(self, request, context):
+    def Get(self, request, context):
         """Describe an artifact without transferring it. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """List the stored artifacts of one kind (or all), newest first, a page at a time (AIP-158).
+        Errors: INVALID_ARGUMENT (negative page size, a page token from another listing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Delete an artifact from every tier of the store.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason ARTIFACT_IN_USE (a running job
+        holds it; retry once the job is done).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,18 +118,28 @@ def add_ArtifactsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.UploadRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactRef.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.UploadRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_artifacts__pb2.UploadResponse.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadChunk.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.DownloadRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_artifacts__pb2.DownloadResponse.SerializeToString,
             ),
-            'Stat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Stat,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.StatRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactInfo.SerializeToString,
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.GetRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_artifacts__pb2.GetResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.ListRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_artifacts__pb2.ListResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=tokenflow_dot_v1_dot_artifacts__pb2.DeleteRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_artifacts__pb2.DeleteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -112,7 +150,7 @@ def add_ArtifactsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Artifacts:
-    """Content-addressed artifact transfer: upload sources, download results, describe artifacts.
+    """Content-addressed artifacts: upload sources, download results, describe, list and delete artifacts.
     """
 
     @staticmethod
@@ -130,8 +168,8 @@ class Artifacts:
             request_iterator,
             target,
             '/tokenflow.v1.Artifacts/Upload',
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.UploadRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactRef.FromString,
+            tokenflow_dot_v1_dot_artifacts__pb2.UploadRequest.SerializeToString,
+            tokenflow_dot_v1_dot_artifacts__pb2.UploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -157,8 +195,8 @@ class Artifacts:
             request,
             target,
             '/tokenflow.v1.Artifacts/Download',
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.DownloadChunk.FromString,
+            tokenflow_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
+            tokenflow_dot_v1_dot_artifacts__pb2.DownloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,7 +208,7 @@ class Artifacts:
             _registered_method=True)
 
     @staticmethod
-    def Stat(request,
+    def Get(request,
             target,
             options=(),
             channel_credentials=None,
@@ -183,9 +221,63 @@ class Artifacts:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tokenflow.v1.Artifacts/Stat',
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.StatRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_artifacts__pb2.ArtifactInfo.FromString,
+            '/tokenflow.v1.Artifacts/Get',
+            tokenflow_dot_v1_dot_artifacts__pb2.GetRequest.SerializeToString,
+            tokenflow_dot_v1_dot_artifacts__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenflow.v1.Artifacts/List',
+            tokenflow_dot_v1_dot_artifacts__pb2.ListRequest.SerializeToString,
+            tokenflow_dot_v1_dot_artifacts__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenflow.v1.Artifacts/Delete',
+            tokenflow_dot_v1_dot_artifacts__pb2.DeleteRequest.SerializeToString,
+            tokenflow_dot_v1_dot_artifacts__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class EditorRequest(_message.Message):
+class EditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VIDEO_DIGEST_FIELD_NUMBER: _builtins.int
@@ -58,30 +58,36 @@ class EditorRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EditorRequest: _TypeAlias = EditorRequest  # noqa: Y015
+Global___EditRequest: _TypeAlias = EditRequest  # noqa: Y015
 
 @_typing.final
-class EditorEvent(_message.Message):
+class EditResponse(_message.Message):
+    """One event of an edit: a stage's Progress or Result, tagged with the edit it belongs to."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EDIT_INDEX_FIELD_NUMBER: _builtins.int
-    EVENT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     edit_index: _builtins.int
-    """Index into EditorRequest.edits of the edit this event belongs to; -1 for the shared inversion."""
+    """Index into EditRequest.edits of the edit this event belongs to; -1 for the shared inversion."""
     @_builtins.property
-    def event(self) -> _common_pb2.JobEvent:
-        """The stage's event (Progress or Result)."""
-
+    def progress(self) -> _common_pb2.Progress: ...
+    @_builtins.property
+    def result(self) -> _common_pb2.Result: ...
     def __init__(
         self,
         *,
         edit_index: _builtins.int = ...,
-        event: _common_pb2.JobEvent | None = ...,
+        progress: _common_pb2.Progress | None = ...,
+        result: _common_pb2.Result | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit_index", b"edit_index", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit_index", b"edit_index", "event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
-Global___EditorEvent: _TypeAlias = EditorEvent  # noqa: Y015
+Global___EditResponse: _TypeAlias = EditResponse  # noqa: Y015

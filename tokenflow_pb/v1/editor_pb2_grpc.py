@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from tokenflow_pb.v1 import editor_pb2 as tokenflow__pb_dot_v1_dot_editor__pb2
+from tokenflow_pb.v1 import editor_pb2 as tokenflow_dot_v1_dot_editor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tokenflow_pb/v1/editor_pb2_grpc.py depends on'
+        + ' but the generated code in tokenflow/v1/editor_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,8 +38,8 @@ class EditorStub:
         """
         self.Edit = channel.unary_stream(
                 '/tokenflow.v1.Editor/Edit',
-                request_serializer=tokenflow__pb_dot_v1_dot_editor__pb2.EditorRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_editor__pb2.EditorEvent.FromString,
+                request_serializer=tokenflow_dot_v1_dot_editor__pb2.EditRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_editor__pb2.EditResponse.FromString,
                 _registered_method=True)
 
 
@@ -51,7 +51,8 @@ class EditorServicer:
         """Invert the video once (shared by all edits), then run each edit (keyframe preview or full
         propagation). Streams every stage's events tagged with the edit they belong to; ends after the last
         edit's Result. Identical edits, and edits identical to ones already computed, are not recomputed.
-        Errors: as the stages'; an edit that fails ends the stream with that edit's status.
+        Errors: as the stages' (with their details); an edit that fails ends the stream with that edit's
+        status. A stage that cannot be reached is UNAVAILABLE with reason STAGE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,8 +63,8 @@ def add_EditorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Edit': grpc.unary_stream_rpc_method_handler(
                     servicer.Edit,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_editor__pb2.EditorRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_editor__pb2.EditorEvent.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_editor__pb2.EditRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_editor__pb2.EditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,8 +93,8 @@ class Editor:
             request,
             target,
             '/tokenflow.v1.Editor/Edit',
-            tokenflow__pb_dot_v1_dot_editor__pb2.EditorRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_editor__pb2.EditorEvent.FromString,
+            tokenflow_dot_v1_dot_editor__pb2.EditRequest.SerializeToString,
+            tokenflow_dot_v1_dot_editor__pb2.EditResponse.FromString,
             options,
             channel_credentials,
             insecure,

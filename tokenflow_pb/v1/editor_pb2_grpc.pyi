@@ -34,11 +34,12 @@ class EditorStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EditorAsyncStub: ...
-    Edit: _grpc.UnaryStreamMultiCallable[_editor_pb2.EditorRequest, _editor_pb2.EditorEvent]
+    Edit: _grpc.UnaryStreamMultiCallable[_editor_pb2.EditRequest, _editor_pb2.EditResponse]
     """Invert the video once (shared by all edits), then run each edit (keyframe preview or full
     propagation). Streams every stage's events tagged with the edit they belong to; ends after the last
     edit's Result. Identical edits, and edits identical to ones already computed, are not recomputed.
-    Errors: as the stages'; an edit that fails ends the stream with that edit's status.
+    Errors: as the stages' (with their details); an edit that fails ends the stream with that edit's
+    status. A stage that cannot be reached is UNAVAILABLE with reason STAGE_UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -46,11 +47,12 @@ class EditorAsyncStub(EditorStub):
     """Front door that orchestrates the stages, dedupes and streams progress."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Edit: _aio.UnaryStreamMultiCallable[_editor_pb2.EditorRequest, _editor_pb2.EditorEvent]  # type: ignore[assignment]
+    Edit: _aio.UnaryStreamMultiCallable[_editor_pb2.EditRequest, _editor_pb2.EditResponse]  # type: ignore[assignment]
     """Invert the video once (shared by all edits), then run each edit (keyframe preview or full
     propagation). Streams every stage's events tagged with the edit they belong to; ends after the last
     edit's Result. Identical edits, and edits identical to ones already computed, are not recomputed.
-    Errors: as the stages'; an edit that fails ends the stream with that edit's status.
+    Errors: as the stages' (with their details); an edit that fails ends the stream with that edit's
+    status. A stage that cannot be reached is UNAVAILABLE with reason STAGE_UNAVAILABLE.
     """
 
 class EditorServicer(metaclass=_abc_1.ABCMeta):
@@ -59,13 +61,14 @@ class EditorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Edit(
         self,
-        request: _editor_pb2.EditorRequest,
+        request: _editor_pb2.EditRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_editor_pb2.EditorEvent], _abc.AsyncIterator[_editor_pb2.EditorEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_editor_pb2.EditResponse], _abc.AsyncIterator[_editor_pb2.EditResponse]]:
         """Invert the video once (shared by all edits), then run each edit (keyframe preview or full
         propagation). Streams every stage's events tagged with the edit they belong to; ends after the last
         edit's Result. Identical edits, and edits identical to ones already computed, are not recomputed.
-        Errors: as the stages'; an edit that fails ends the stream with that edit's status.
+        Errors: as the stages' (with their details); an edit that fails ends the stream with that edit's
+        status. A stage that cannot be reached is UNAVAILABLE with reason STAGE_UNAVAILABLE.
         """
 
 def add_EditorServicer_to_server(servicer: EditorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

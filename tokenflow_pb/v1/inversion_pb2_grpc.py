@@ -4,8 +4,7 @@
 import grpc
 import warnings
 
-from tokenflow_pb.v1 import common_pb2 as tokenflow__pb_dot_v1_dot_common__pb2
-from tokenflow_pb.v1 import inversion_pb2 as tokenflow__pb_dot_v1_dot_inversion__pb2
+from tokenflow_pb.v1 import inversion_pb2 as tokenflow_dot_v1_dot_inversion__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -20,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tokenflow_pb/v1/inversion_pb2_grpc.py depends on'
+        + ' but the generated code in tokenflow/v1/inversion_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,13 +38,13 @@ class InversionStub:
         """
         self.Invert = channel.unary_stream(
                 '/tokenflow.v1.Inversion/Invert',
-                request_serializer=tokenflow__pb_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+                request_serializer=tokenflow_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_inversion__pb2.InvertResponse.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/tokenflow.v1.Inversion/Cancel',
-                request_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+                request_serializer=tokenflow_dot_v1_dot_inversion__pb2.InversionCancelRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_inversion__pb2.InversionCancelResponse.FromString,
                 _registered_method=True)
 
 
@@ -58,9 +57,15 @@ class InversionServicer:
         reconstruction with its PSNR when asked). Streams Progress events, then one Result whose digest is
         the inversion's content address (input to Keyframes and Propagation). Returns at once with
         `cache_hit` when the inversion already exists. Honours deadlines and cancellation.
-        Errors: INVALID_ARGUMENT (bad spec, not a video), NOT_FOUND (unknown video digest: upload it with
-        Artifacts.Upload), RESOURCE_EXHAUSTED (queue full, video too large), FAILED_PRECONDITION (model
-        missing), UNAVAILABLE (server shutting down: retry on another replica).
+
+        Identical requests in flight share one job: every caller gets the same events. A job whose every
+        caller has gone is cancelled after a grace period; calling again with the same request within it
+        re-attaches to the running job.
+
+        Errors (reasons in ErrorInfo): INVALID_ARGUMENT (INVALID_SPEC, INVALID_VIDEO), NOT_FOUND
+        (ARTIFACT_NOT_FOUND: upload the video with Artifacts.Upload), RESOURCE_EXHAUSTED (QUEUE_FULL:
+        retry; INPUT_TOO_LARGE: don't), FAILED_PRECONDITION (MODEL_UNAVAILABLE), UNAVAILABLE
+        (SHUTTING_DOWN: retry on another replica), CANCELLED (CANCELLED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,13 +83,13 @@ def add_InversionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Invert': grpc.unary_stream_rpc_method_handler(
                     servicer.Invert,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_inversion__pb2.InvertRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_inversion__pb2.InvertRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_inversion__pb2.InvertResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_inversion__pb2.InversionCancelRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_inversion__pb2.InversionCancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,8 +118,8 @@ class Inversion:
             request,
             target,
             '/tokenflow.v1.Inversion/Invert',
-            tokenflow__pb_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+            tokenflow_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
+            tokenflow_dot_v1_dot_inversion__pb2.InvertResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -140,8 +145,8 @@ class Inversion:
             request,
             target,
             '/tokenflow.v1.Inversion/Cancel',
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+            tokenflow_dot_v1_dot_inversion__pb2.InversionCancelRequest.SerializeToString,
+            tokenflow_dot_v1_dot_inversion__pb2.InversionCancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

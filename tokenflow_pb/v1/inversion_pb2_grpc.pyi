@@ -6,7 +6,6 @@ Inversion stage: DDIM-invert a video once; every later edit of it reuses the res
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from tokenflow_pb.v1 import common_pb2 as _common_pb2
 from tokenflow_pb.v1 import inversion_pb2 as _inversion_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -35,16 +34,22 @@ class InversionStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InversionAsyncStub: ...
-    Invert: _grpc.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _common_pb2.JobEvent]
+    Invert: _grpc.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]
     """Decode the video, DDIM-invert every frame and keep the latents at the editing timesteps (and a
     reconstruction with its PSNR when asked). Streams Progress events, then one Result whose digest is
     the inversion's content address (input to Keyframes and Propagation). Returns at once with
     `cache_hit` when the inversion already exists. Honours deadlines and cancellation.
-    Errors: INVALID_ARGUMENT (bad spec, not a video), NOT_FOUND (unknown video digest: upload it with
-    Artifacts.Upload), RESOURCE_EXHAUSTED (queue full, video too large), FAILED_PRECONDITION (model
-    missing), UNAVAILABLE (server shutting down: retry on another replica).
+
+    Identical requests in flight share one job: every caller gets the same events. A job whose every
+    caller has gone is cancelled after a grace period; calling again with the same request within it
+    re-attaches to the running job.
+
+    Errors (reasons in ErrorInfo): INVALID_ARGUMENT (INVALID_SPEC, INVALID_VIDEO), NOT_FOUND
+    (ARTIFACT_NOT_FOUND: upload the video with Artifacts.Upload), RESOURCE_EXHAUSTED (QUEUE_FULL:
+    retry; INPUT_TOO_LARGE: don't), FAILED_PRECONDITION (MODEL_UNAVAILABLE), UNAVAILABLE
+    (SHUTTING_DOWN: retry on another replica), CANCELLED (CANCELLED).
     """
-    Cancel: _grpc.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]
+    Cancel: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.InversionCancelRequest, _inversion_pb2.InversionCancelResponse]
     """Cancel an inversion job for every attached caller."""
 
 @_typing.type_check_only
@@ -52,16 +57,22 @@ class InversionAsyncStub(InversionStub):
     """The inversion stage (heavy, once per clip and decode/inversion settings)."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Invert: _aio.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _common_pb2.JobEvent]  # type: ignore[assignment]
+    Invert: _aio.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]  # type: ignore[assignment]
     """Decode the video, DDIM-invert every frame and keep the latents at the editing timesteps (and a
     reconstruction with its PSNR when asked). Streams Progress events, then one Result whose digest is
     the inversion's content address (input to Keyframes and Propagation). Returns at once with
     `cache_hit` when the inversion already exists. Honours deadlines and cancellation.
-    Errors: INVALID_ARGUMENT (bad spec, not a video), NOT_FOUND (unknown video digest: upload it with
-    Artifacts.Upload), RESOURCE_EXHAUSTED (queue full, video too large), FAILED_PRECONDITION (model
-    missing), UNAVAILABLE (server shutting down: retry on another replica).
+
+    Identical requests in flight share one job: every caller gets the same events. A job whose every
+    caller has gone is cancelled after a grace period; calling again with the same request within it
+    re-attaches to the running job.
+
+    Errors (reasons in ErrorInfo): INVALID_ARGUMENT (INVALID_SPEC, INVALID_VIDEO), NOT_FOUND
+    (ARTIFACT_NOT_FOUND: upload the video with Artifacts.Upload), RESOURCE_EXHAUSTED (QUEUE_FULL:
+    retry; INPUT_TOO_LARGE: don't), FAILED_PRECONDITION (MODEL_UNAVAILABLE), UNAVAILABLE
+    (SHUTTING_DOWN: retry on another replica), CANCELLED (CANCELLED).
     """
-    Cancel: _aio.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]  # type: ignore[assignment]
+    Cancel: _aio.UnaryUnaryMultiCallable[_inversion_pb2.InversionCancelRequest, _inversion_pb2.InversionCancelResponse]  # type: ignore[assignment]
     """Cancel an inversion job for every attached caller."""
 
 class InversionServicer(metaclass=_abc_1.ABCMeta):
@@ -72,22 +83,28 @@ class InversionServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _inversion_pb2.InvertRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_common_pb2.JobEvent], _abc.AsyncIterator[_common_pb2.JobEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_inversion_pb2.InvertResponse], _abc.AsyncIterator[_inversion_pb2.InvertResponse]]:
         """Decode the video, DDIM-invert every frame and keep the latents at the editing timesteps (and a
         reconstruction with its PSNR when asked). Streams Progress events, then one Result whose digest is
         the inversion's content address (input to Keyframes and Propagation). Returns at once with
         `cache_hit` when the inversion already exists. Honours deadlines and cancellation.
-        Errors: INVALID_ARGUMENT (bad spec, not a video), NOT_FOUND (unknown video digest: upload it with
-        Artifacts.Upload), RESOURCE_EXHAUSTED (queue full, video too large), FAILED_PRECONDITION (model
-        missing), UNAVAILABLE (server shutting down: retry on another replica).
+
+        Identical requests in flight share one job: every caller gets the same events. A job whose every
+        caller has gone is cancelled after a grace period; calling again with the same request within it
+        re-attaches to the running job.
+
+        Errors (reasons in ErrorInfo): INVALID_ARGUMENT (INVALID_SPEC, INVALID_VIDEO), NOT_FOUND
+        (ARTIFACT_NOT_FOUND: upload the video with Artifacts.Upload), RESOURCE_EXHAUSTED (QUEUE_FULL:
+        retry; INPUT_TOO_LARGE: don't), FAILED_PRECONDITION (MODEL_UNAVAILABLE), UNAVAILABLE
+        (SHUTTING_DOWN: retry on another replica), CANCELLED (CANCELLED).
         """
 
     @_abc_1.abstractmethod
     def Cancel(
         self,
-        request: _common_pb2.CancelRequest,
+        request: _inversion_pb2.InversionCancelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_common_pb2.CancelResponse, _abc.Awaitable[_common_pb2.CancelResponse]]:
+    ) -> _typing.Union[_inversion_pb2.InversionCancelResponse, _abc.Awaitable[_inversion_pb2.InversionCancelResponse]]:
         """Cancel an inversion job for every attached caller."""
 
 def add_InversionServicer_to_server(servicer: InversionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,8 +4,7 @@
 import grpc
 import warnings
 
-from tokenflow_pb.v1 import common_pb2 as tokenflow__pb_dot_v1_dot_common__pb2
-from tokenflow_pb.v1 import keyframes_pb2 as tokenflow__pb_dot_v1_dot_keyframes__pb2
+from tokenflow_pb.v1 import keyframes_pb2 as tokenflow_dot_v1_dot_keyframes__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -20,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tokenflow_pb/v1/keyframes_pb2_grpc.py depends on'
+        + ' but the generated code in tokenflow/v1/keyframes_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,13 +38,13 @@ class KeyframesStub:
         """
         self.EditKeyframes = channel.unary_stream(
                 '/tokenflow.v1.Keyframes/EditKeyframes',
-                request_serializer=tokenflow__pb_dot_v1_dot_keyframes__pb2.KeyframesRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+                request_serializer=tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesResponse.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/tokenflow.v1.Keyframes/Cancel',
-                request_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+                request_serializer=tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelResponse.FromString,
                 _registered_method=True)
 
 
@@ -56,9 +55,11 @@ class KeyframesServicer:
     def EditKeyframes(self, request, context):
         """Edit the keyframes of an inverted video with extended attention and PnP injection. Streams
         Progress events, then one Result with `keyframes` info: the keyframe indices and one PNG image per
-        keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively.
-        Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-        inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+        keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively. Jobs are
+        shared and re-attached like Inversion.Invert's.
+        Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt, a method without previews, the digest
+        is not an inversion), NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED,
+        FAILED_PRECONDITION, UNAVAILABLE, CANCELLED as for Inversion.Invert.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,13 +77,13 @@ def add_KeyframesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'EditKeyframes': grpc.unary_stream_rpc_method_handler(
                     servicer.EditKeyframes,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_keyframes__pb2.KeyframesRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -111,8 +112,8 @@ class Keyframes:
             request,
             target,
             '/tokenflow.v1.Keyframes/EditKeyframes',
-            tokenflow__pb_dot_v1_dot_keyframes__pb2.KeyframesRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+            tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesRequest.SerializeToString,
+            tokenflow_dot_v1_dot_keyframes__pb2.EditKeyframesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -138,8 +139,8 @@ class Keyframes:
             request,
             target,
             '/tokenflow.v1.Keyframes/Cancel',
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+            tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelRequest.SerializeToString,
+            tokenflow_dot_v1_dot_keyframes__pb2.KeyframesCancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,6 @@ Keyframes stage: a fast preview of an edit (only the K keyframes of N frames are
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from tokenflow_pb.v1 import common_pb2 as _common_pb2
 from tokenflow_pb.v1 import keyframes_pb2 as _keyframes_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -35,14 +34,16 @@ class KeyframesStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyframesAsyncStub: ...
-    EditKeyframes: _grpc.UnaryStreamMultiCallable[_keyframes_pb2.KeyframesRequest, _common_pb2.JobEvent]
+    EditKeyframes: _grpc.UnaryStreamMultiCallable[_keyframes_pb2.EditKeyframesRequest, _keyframes_pb2.EditKeyframesResponse]
     """Edit the keyframes of an inverted video with extended attention and PnP injection. Streams
     Progress events, then one Result with `keyframes` info: the keyframe indices and one PNG image per
-    keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively.
-    Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-    inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+    keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively. Jobs are
+    shared and re-attached like Inversion.Invert's.
+    Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt, a method without previews, the digest
+    is not an inversion), NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED,
+    FAILED_PRECONDITION, UNAVAILABLE, CANCELLED as for Inversion.Invert.
     """
-    Cancel: _grpc.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]
+    Cancel: _grpc.UnaryUnaryMultiCallable[_keyframes_pb2.KeyframesCancelRequest, _keyframes_pb2.KeyframesCancelResponse]
     """Cancel a keyframes job for every attached caller."""
 
 @_typing.type_check_only
@@ -50,14 +51,16 @@ class KeyframesAsyncStub(KeyframesStub):
     """The keyframe preview stage (interactive, cheap: K of N frames)."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    EditKeyframes: _aio.UnaryStreamMultiCallable[_keyframes_pb2.KeyframesRequest, _common_pb2.JobEvent]  # type: ignore[assignment]
+    EditKeyframes: _aio.UnaryStreamMultiCallable[_keyframes_pb2.EditKeyframesRequest, _keyframes_pb2.EditKeyframesResponse]  # type: ignore[assignment]
     """Edit the keyframes of an inverted video with extended attention and PnP injection. Streams
     Progress events, then one Result with `keyframes` info: the keyframe indices and one PNG image per
-    keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively.
-    Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-    inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+    keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively. Jobs are
+    shared and re-attached like Inversion.Invert's.
+    Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt, a method without previews, the digest
+    is not an inversion), NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED,
+    FAILED_PRECONDITION, UNAVAILABLE, CANCELLED as for Inversion.Invert.
     """
-    Cancel: _aio.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]  # type: ignore[assignment]
+    Cancel: _aio.UnaryUnaryMultiCallable[_keyframes_pb2.KeyframesCancelRequest, _keyframes_pb2.KeyframesCancelResponse]  # type: ignore[assignment]
     """Cancel a keyframes job for every attached caller."""
 
 class KeyframesServicer(metaclass=_abc_1.ABCMeta):
@@ -66,22 +69,24 @@ class KeyframesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def EditKeyframes(
         self,
-        request: _keyframes_pb2.KeyframesRequest,
+        request: _keyframes_pb2.EditKeyframesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_common_pb2.JobEvent], _abc.AsyncIterator[_common_pb2.JobEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_keyframes_pb2.EditKeyframesResponse], _abc.AsyncIterator[_keyframes_pb2.EditKeyframesResponse]]:
         """Edit the keyframes of an inverted video with extended attention and PnP injection. Streams
         Progress events, then one Result with `keyframes` info: the keyframe indices and one PNG image per
-        keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively.
-        Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-        inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+        keyframe inside the result artifact. Cheap enough to iterate on a prompt interactively. Jobs are
+        shared and re-attached like Inversion.Invert's.
+        Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt, a method without previews, the digest
+        is not an inversion), NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED,
+        FAILED_PRECONDITION, UNAVAILABLE, CANCELLED as for Inversion.Invert.
         """
 
     @_abc_1.abstractmethod
     def Cancel(
         self,
-        request: _common_pb2.CancelRequest,
+        request: _keyframes_pb2.KeyframesCancelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_common_pb2.CancelResponse, _abc.Awaitable[_common_pb2.CancelResponse]]:
+    ) -> _typing.Union[_keyframes_pb2.KeyframesCancelResponse, _abc.Awaitable[_keyframes_pb2.KeyframesCancelResponse]]:
         """Cancel a keyframes job for every attached caller."""
 
 def add_KeyframesServicer_to_server(servicer: KeyframesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,8 +4,7 @@
 import grpc
 import warnings
 
-from tokenflow_pb.v1 import common_pb2 as tokenflow__pb_dot_v1_dot_common__pb2
-from tokenflow_pb.v1 import propagation_pb2 as tokenflow__pb_dot_v1_dot_propagation__pb2
+from tokenflow_pb.v1 import propagation_pb2 as tokenflow_dot_v1_dot_propagation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -20,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tokenflow_pb/v1/propagation_pb2_grpc.py depends on'
+        + ' but the generated code in tokenflow/v1/propagation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,13 +38,13 @@ class PropagationStub:
         """
         self.Propagate = channel.unary_stream(
                 '/tokenflow.v1.Propagation/Propagate',
-                request_serializer=tokenflow__pb_dot_v1_dot_propagation__pb2.PropagateRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+                request_serializer=tokenflow_dot_v1_dot_propagation__pb2.PropagateRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_propagation__pb2.PropagateResponse.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/tokenflow.v1.Propagation/Cancel',
-                request_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-                response_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+                request_serializer=tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelResponse.FromString,
                 _registered_method=True)
 
 
@@ -54,11 +53,13 @@ class PropagationServicer:
     """
 
     def Propagate(self, request, context):
-        """Run the full TokenFlow loop (a keyframe pass and a propagation pass per denoising step) and encode
-        the edited video. Streams Progress events, then one Result with `propagation` info; the video is
-        the result artifact's primary file (Artifacts.Download{digest: Result.digest}).
-        Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-        inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+        """Run the full edit (for TokenFlow: a keyframe pass and a propagation pass per denoising step) and
+        encode the edited video. Streams Progress events, then one Result with `propagation` info; the video
+        is the result artifact's primary file (Artifacts.Download{digest: Result.digest}). Jobs are shared
+        and re-attached like Inversion.Invert's.
+        Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt; the digest is not an inversion),
+        NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION,
+        UNAVAILABLE, CANCELLED as for Inversion.Invert.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,13 +77,13 @@ def add_PropagationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Propagate': grpc.unary_stream_rpc_method_handler(
                     servicer.Propagate,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_propagation__pb2.PropagateRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_propagation__pb2.PropagateRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_propagation__pb2.PropagateResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.FromString,
-                    response_serializer=tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -111,8 +112,8 @@ class Propagation:
             request,
             target,
             '/tokenflow.v1.Propagation/Propagate',
-            tokenflow__pb_dot_v1_dot_propagation__pb2.PropagateRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.JobEvent.FromString,
+            tokenflow_dot_v1_dot_propagation__pb2.PropagateRequest.SerializeToString,
+            tokenflow_dot_v1_dot_propagation__pb2.PropagateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -138,8 +139,8 @@ class Propagation:
             request,
             target,
             '/tokenflow.v1.Propagation/Cancel',
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
-            tokenflow__pb_dot_v1_dot_common__pb2.CancelResponse.FromString,
+            tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelRequest.SerializeToString,
+            tokenflow_dot_v1_dot_propagation__pb2.PropagationCancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,6 @@ Propagation stage: the full TokenFlow edit of every frame of an inverted video."
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from tokenflow_pb.v1 import common_pb2 as _common_pb2
 from tokenflow_pb.v1 import propagation_pb2 as _propagation_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -35,14 +34,16 @@ class PropagationStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PropagationAsyncStub: ...
-    Propagate: _grpc.UnaryStreamMultiCallable[_propagation_pb2.PropagateRequest, _common_pb2.JobEvent]
-    """Run the full TokenFlow loop (a keyframe pass and a propagation pass per denoising step) and encode
-    the edited video. Streams Progress events, then one Result with `propagation` info; the video is
-    the result artifact's primary file (Artifacts.Download{digest: Result.digest}).
-    Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-    inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+    Propagate: _grpc.UnaryStreamMultiCallable[_propagation_pb2.PropagateRequest, _propagation_pb2.PropagateResponse]
+    """Run the full edit (for TokenFlow: a keyframe pass and a propagation pass per denoising step) and
+    encode the edited video. Streams Progress events, then one Result with `propagation` info; the video
+    is the result artifact's primary file (Artifacts.Download{digest: Result.digest}). Jobs are shared
+    and re-attached like Inversion.Invert's.
+    Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt; the digest is not an inversion),
+    NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION,
+    UNAVAILABLE, CANCELLED as for Inversion.Invert.
     """
-    Cancel: _grpc.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]
+    Cancel: _grpc.UnaryUnaryMultiCallable[_propagation_pb2.PropagationCancelRequest, _propagation_pb2.PropagationCancelResponse]
     """Cancel a propagation job for every attached caller."""
 
 @_typing.type_check_only
@@ -50,14 +51,16 @@ class PropagationAsyncStub(PropagationStub):
     """The propagation stage (heavy, once per prompt): the edited video."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Propagate: _aio.UnaryStreamMultiCallable[_propagation_pb2.PropagateRequest, _common_pb2.JobEvent]  # type: ignore[assignment]
-    """Run the full TokenFlow loop (a keyframe pass and a propagation pass per denoising step) and encode
-    the edited video. Streams Progress events, then one Result with `propagation` info; the video is
-    the result artifact's primary file (Artifacts.Download{digest: Result.digest}).
-    Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-    inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+    Propagate: _aio.UnaryStreamMultiCallable[_propagation_pb2.PropagateRequest, _propagation_pb2.PropagateResponse]  # type: ignore[assignment]
+    """Run the full edit (for TokenFlow: a keyframe pass and a propagation pass per denoising step) and
+    encode the edited video. Streams Progress events, then one Result with `propagation` info; the video
+    is the result artifact's primary file (Artifacts.Download{digest: Result.digest}). Jobs are shared
+    and re-attached like Inversion.Invert's.
+    Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt; the digest is not an inversion),
+    NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION,
+    UNAVAILABLE, CANCELLED as for Inversion.Invert.
     """
-    Cancel: _aio.UnaryUnaryMultiCallable[_common_pb2.CancelRequest, _common_pb2.CancelResponse]  # type: ignore[assignment]
+    Cancel: _aio.UnaryUnaryMultiCallable[_propagation_pb2.PropagationCancelRequest, _propagation_pb2.PropagationCancelResponse]  # type: ignore[assignment]
     """Cancel a propagation job for every attached caller."""
 
 class PropagationServicer(metaclass=_abc_1.ABCMeta):
@@ -68,20 +71,22 @@ class PropagationServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _propagation_pb2.PropagateRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_common_pb2.JobEvent], _abc.AsyncIterator[_common_pb2.JobEvent]]:
-        """Run the full TokenFlow loop (a keyframe pass and a propagation pass per denoising step) and encode
-        the edited video. Streams Progress events, then one Result with `propagation` info; the video is
-        the result artifact's primary file (Artifacts.Download{digest: Result.digest}).
-        Errors: INVALID_ARGUMENT (bad spec or prompt; the digest is not an inversion), NOT_FOUND (unknown
-        inversion digest: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE.
+    ) -> _typing.Union[_abc.Iterator[_propagation_pb2.PropagateResponse], _abc.AsyncIterator[_propagation_pb2.PropagateResponse]]:
+        """Run the full edit (for TokenFlow: a keyframe pass and a propagation pass per denoising step) and
+        encode the edited video. Streams Progress events, then one Result with `propagation` info; the video
+        is the result artifact's primary file (Artifacts.Download{digest: Result.digest}). Jobs are shared
+        and re-attached like Inversion.Invert's.
+        Errors: INVALID_ARGUMENT (INVALID_SPEC: bad spec or prompt; the digest is not an inversion),
+        NOT_FOUND (ARTIFACT_NOT_FOUND: run Inversion.Invert first), RESOURCE_EXHAUSTED, FAILED_PRECONDITION,
+        UNAVAILABLE, CANCELLED as for Inversion.Invert.
         """
 
     @_abc_1.abstractmethod
     def Cancel(
         self,
-        request: _common_pb2.CancelRequest,
+        request: _propagation_pb2.PropagationCancelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_common_pb2.CancelResponse, _abc.Awaitable[_common_pb2.CancelResponse]]:
+    ) -> _typing.Union[_propagation_pb2.PropagationCancelResponse, _abc.Awaitable[_propagation_pb2.PropagationCancelResponse]]:
         """Cancel a propagation job for every attached caller."""
 
 def add_PropagationServicer_to_server(servicer: PropagationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
