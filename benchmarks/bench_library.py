@@ -170,7 +170,7 @@ def child_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
         inversion = invert_video(
             model,
             clip,
-            DecodeSpec(size=(size, size)),
+            DecodeSpec.sized((size, size)),
             InversionSpec(prompt=INVERSION_PROMPT, steps=steps, edit_steps=steps, reconstruct=False),
         )
         out = render_edit(
@@ -244,7 +244,7 @@ def bench_edits(cfg: Config, tmp: Path, model_name: str, device: str) -> dict[st
     dtype = "float32" if device == "cpu" else None
     model, load_s = timed(lambda: load_model(model_name, device=device, dtype=dtype))
     clip = make_clip(tmp / "clip.mp4", frames=cfg.frames, size=(cfg.size, cfg.size), fps=12, audio=True)
-    decode = DecodeSpec(size=(cfg.size, cfg.size))
+    decode = DecodeSpec.sized((cfg.size, cfg.size))
     inv_spec = InversionSpec(
         prompt=INVERSION_PROMPT, steps=cfg.inversion_steps, edit_steps=cfg.steps, reconstruct=False
     )

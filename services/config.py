@@ -6,10 +6,11 @@ same code runs all-in-one (``--services all``) or as one stage per deployment.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +186,143 @@ class ServerConfig:
     def describe_services(self) -> str:
         """Stable, human-readable list for the start-up line, e.g. ``inversion,editor,artifacts``."""
         return ",".join(s for s in SERVICES if s in self.services)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line and environment
+
+ENV_PREFIX = "TOKENFLOW_"
+
+
+def env_name(option: str) -> str:
+    """The environment variable of a flag: ``--cache-size`` -> ``TOKENFLOW_CACHE_SIZE``."""
+    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tokenflow serve` flags. Every flag is also read from its TOKENFLOW_* variable (flags win)."""
+    p = argparse.ArgumentParser(
+        prog="tokenflow serve",
+        description="Serve the TokenFlow gRPC services (all in one process, or any subset). Every flag can "
+        "also be set with an environment variable: --cache-size -> TOKENFLOW_CACHE_SIZE.",
+    )
+    p.add_argument(
+        "--services",
+        default="all",
+        help=f"'all' or a comma list of {', '.join(SERVICES[:-1])} (artifacts is always served); default all",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus port; 0 = pick one, -1 = off (default 9090)",
+    )
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
+    p.add_argument(
+        "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
+    )
+    p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
+    p.add_argument(
+        "--shared-store-size",
+        default=None,
+        help="shared tier size limit, e.g. 200GB: LRU-pruned in the background (default: no limit)",
+    )
+    p.add_argument("--s3-bucket", default=None, help="shared tier in this S3 bucket (AWS credential chain)")
+    p.add_argument("--s3-prefix", default="", help="key prefix inside --s3-bucket (default: none)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000")
+    p.add_argument("--model", default="tiny", help="diffusers SD folder or preset (tiny = test model, noise)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on GPU)")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}-addr", default=None, help=f"editor: gRPC target of the {stage} stage")
+    p.add_argument("--max-queue", type=int, default=8, help="queued jobs per stage (default 8)")
+    p.add_argument(
+        "--job-grace-seconds",
+        type=float,
+        default=120.0,
+        help="cancel a job after this long with no caller attached (default 120)",
+    )
+    p.add_argument("--max-upload-bytes", default=str(2 << 30), help="upload size limit (default 2GiB)")
+    p.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=None,
+        help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
+    )
+    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with the job id on every job's line (default text)",
+    )
+    return p
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Make each flag's TOKENFLOW_* variable its default, so a flag on the command line still wins.
+
+    Values go through the flag's own `type` and `choices`, so a bad variable fails like a bad flag and
+    names the variable. Boolean switches accept 1/true/yes/on and 0/false/no/off.
+    """
+    env = os.environ if environ is None else environ
+    for action in parser._actions:
+        long_flags = [o for o in action.option_strings if o.startswith("--")]
+        if not long_flags or action.dest in ("help", "version"):
+            continue
+        name = env_name(long_flags[0])
+        if name not in env:
+            continue
+        raw = env[name]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            truth = raw.strip().lower()
+            if truth not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                parser.error(f"{name}={raw!r}: use 1/true/yes/on or 0/false/no/off")
+            on = truth in ("1", "true", "yes", "on")
+            value: object = on if isinstance(action, argparse._StoreTrueAction) else not on
+        else:
+            try:
+                value = action.type(raw) if callable(action.type) else raw
+            except (TypeError, ValueError) as e:
+                parser.error(f"{name}={raw!r}: {e}")
+            if action.choices is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                parser.error(f"{name}={raw!r}: choose from {choices}")
+        parser.set_defaults(**{action.dest: value})
+
+
+def parse_args(argv: Iterable[str], environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    apply_environment(parser, environ)
+    return parser.parse_args(list(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """ServerConfig from parsed flags; ValueError with the flag to fix."""
+    return ServerConfig(
+        services=parse_services(args.services),
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        cache_dir=Path(args.cache_dir),
+        cache_size_bytes=parse_size(args.cache_size),
+        shared_store=Path(args.shared_store) if args.shared_store else None,
+        shared_store_size=parse_size(args.shared_store_size) if args.shared_store_size else None,
+        s3_bucket=args.s3_bucket or None,
+        s3_prefix=args.s3_prefix,
+        s3_endpoint_url=args.s3_endpoint_url,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        inversion_addr=args.inversion_addr,
+        keyframes_addr=args.keyframes_addr,
+        propagation_addr=args.propagation_addr,
+        max_queue=args.max_queue,
+        job_grace_seconds=args.job_grace_seconds,
+        max_upload_bytes=parse_size(args.max_upload_bytes),
+        max_workers=args.max_workers,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )

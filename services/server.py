@@ -13,7 +13,6 @@ are published atomically, so nothing partial is left).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -22,7 +21,6 @@ import threading
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -32,8 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services import artifacts
-from services.config import DEFAULT_CACHE_DIR, SERVICES, ServerConfig, parse_services, parse_size
+from services.config import (  # noqa: F401 - build_parser/config_from_args re-exported for callers
+    ServerConfig,
+    build_parser,
+    config_from_args,
+    parse_args,
+)
 from services.grpc_metrics import PrometheusServerInterceptor
+from services.logging_setup import configure_logging
 from services.metrics import Metrics, MetricsServer
 from services.model_host import ModelHost
 from services.stages import StageServicer
@@ -289,100 +293,13 @@ def build_server(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tokenflow serve",
-        description="Serve the TokenFlow gRPC services (all in one process, or any subset).",
-    )
-    p.add_argument(
-        "--services",
-        default="all",
-        help=f"'all' or a comma list of {', '.join(SERVICES[:-1])} (artifacts is always served); default all",
-    )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9090,
-        help="Prometheus port; 0 = pick one, -1 = off (default 9090)",
-    )
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
-    p.add_argument(
-        "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
-    )
-    p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
-    p.add_argument(
-        "--shared-store-size",
-        default=None,
-        help="shared tier size limit, e.g. 200GB: LRU-pruned in the background (default: no limit)",
-    )
-    p.add_argument("--s3-bucket", default=None, help="shared tier in this S3 bucket (AWS credential chain)")
-    p.add_argument("--s3-prefix", default="", help="key prefix inside --s3-bucket (default: none)")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000")
-    p.add_argument("--model", default="tiny", help="diffusers SD folder or preset (tiny = test model, noise)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on GPU)")
-    for stage in ("inversion", "keyframes", "propagation"):
-        p.add_argument(f"--{stage}-addr", default=None, help=f"editor: gRPC target of the {stage} stage")
-    p.add_argument("--max-queue", type=int, default=8, help="queued jobs per stage (default 8)")
-    p.add_argument(
-        "--job-grace-seconds",
-        type=float,
-        default=120.0,
-        help="cancel a job after this long with no caller attached (default 120)",
-    )
-    p.add_argument("--max-upload-bytes", default=str(2 << 30), help="upload size limit (default 2GiB)")
-    p.add_argument(
-        "--shutdown-grace-seconds",
-        type=float,
-        default=None,
-        help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
-    )
-    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """ServerConfig from parsed flags; ValueError with the flag to fix."""
-    return ServerConfig(
-        services=parse_services(args.services),
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        cache_dir=Path(args.cache_dir),
-        cache_size_bytes=parse_size(args.cache_size),
-        shared_store=Path(args.shared_store) if args.shared_store else None,
-        shared_store_size=parse_size(args.shared_store_size) if args.shared_store_size else None,
-        s3_bucket=args.s3_bucket or None,
-        s3_prefix=args.s3_prefix,
-        s3_endpoint_url=args.s3_endpoint_url,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        inversion_addr=args.inversion_addr,
-        keyframes_addr=args.keyframes_addr,
-        propagation_addr=args.propagation_addr,
-        max_queue=args.max_queue,
-        job_grace_seconds=args.job_grace_seconds,
-        max_upload_bytes=parse_size(args.max_upload_bytes),
-        max_workers=args.max_workers,
-        shutdown_grace_seconds=args.shutdown_grace_seconds,
-    )
+# command line (flags and environment: services.config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tokenflow serve`; returns the process exit code."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ValueError as e:

@@ -53,7 +53,7 @@ def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def clip_array(clip_path: Path) -> np.ndarray:
     """The clip's decoded frames, uint8 [10, 64, 64, 3]."""
-    frames, _ = read_frames(clip_path, DecodeSpec(size=CLIP_SIZE))
+    frames, _ = read_frames(clip_path, DecodeSpec.sized(CLIP_SIZE))
     return frames
 
 

@@ -135,7 +135,7 @@ def test_invert_once_then_edit_twice(clip: Path, workdir: Path) -> None:
         assert report["source"] == str(clip.resolve())  # the audio source comes from the saved inversion
         assert report["reconstruction_psnr_db"] == inv["reconstruction_psnr_db"]
         assert count_frames(out) == 12 and probe(out).has_audio and probe(out).fps == 12
-        frames[name], _ = read_frames(out, DecodeSpec(size=(64, 64)))
+        frames[name], _ = read_frames(out, DecodeSpec.sized((64, 64)))
     assert frames["fox"].shape == frames["statue"].shape == (12, 64, 64, 3)
     assert not np.array_equal(frames["fox"], frames["statue"])  # the prompt mattered
 

@@ -27,7 +27,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def source(clip: Path) -> np.ndarray:
-    frames, _ = video.read_frames(clip, DecodeSpec(size=SIZE))
+    frames, _ = video.read_frames(clip, DecodeSpec.sized(SIZE))
     return frames
 
 
@@ -56,8 +56,8 @@ def test_make_clip_is_deterministic(tmp_path: Path) -> None:
     b = make_clip(tmp_path / "b.mp4", frames=5, size=SIZE, seed=3)
     c = make_clip(tmp_path / "c.mp4", frames=5, size=SIZE, seed=4, audio=False)
     assert a.read_bytes() == b.read_bytes()
-    fa, _ = video.read_frames(a, DecodeSpec(size=SIZE))
-    fc, info_c = video.read_frames(c, DecodeSpec(size=SIZE))
+    fa, _ = video.read_frames(a, DecodeSpec.sized(SIZE))
+    fc, info_c = video.read_frames(c, DecodeSpec.sized(SIZE))
     assert not np.array_equal(fa, fc)
     assert not info_c.has_audio
 

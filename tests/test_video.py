@@ -78,7 +78,7 @@ def test_make_clip_probe_and_read(tmp_path: Path) -> None:
     assert (info.width, info.height, info.fps, info.frame_count) == (96, 64, Fraction(12), 12)
     assert info.has_audio and info.codec == "h264" and info.rotation == 0
     assert info.duration == pytest.approx(1.0, abs=0.01)
-    frames, info2 = video.read_frames(path, DecodeSpec(size=(96, 64)))
+    frames, info2 = video.read_frames(path, DecodeSpec.sized((96, 64)))
     assert frames.shape == (12, 64, 96, 3) and frames.dtype == np.uint8
     assert info2 == info
     default, _ = video.read_frames(path)
@@ -88,7 +88,7 @@ def test_make_clip_probe_and_read(tmp_path: Path) -> None:
 
 def test_iter_frames_is_lazy(tmp_path: Path) -> None:
     path = make_clip(tmp_path / "clip.mp4", frames=6, audio=False)
-    frames = video.iter_frames(path, DecodeSpec(size=(64, 64)))
+    frames = video.iter_frames(path, DecodeSpec.sized((64, 64)))
     assert inspect.isgenerator(frames)
     assert next(frames).shape == (64, 64, 3)
     frames.close()
@@ -96,7 +96,7 @@ def test_iter_frames_is_lazy(tmp_path: Path) -> None:
 
 def test_write_video_keeps_audio_exact_count_and_rate(tmp_path: Path) -> None:
     source = make_clip(tmp_path / "src.mp4", frames=20, size=(64, 64), fps=10)
-    frames, _ = video.read_frames(source, DecodeSpec(size=(96, 64), max_frames=13))
+    frames, _ = video.read_frames(source, DecodeSpec.sized((96, 64), max_frames=13))
     out = tmp_path / "out.mp4"
     rate = Fraction(30000, 1001)
     n = video.write_video(
@@ -151,7 +151,7 @@ def test_write_video_replaces_existing_file(tmp_path: Path) -> None:
 def test_odd_frame_counts_and_non_square(tmp_path: Path, n: int) -> None:
     out = tmp_path / "odd.mp4"
     video.write_video(out, indexed_frames(n, size=(160, 96)), 7)
-    frames, info = video.read_frames(out, DecodeSpec(size=(160, 96)))
+    frames, info = video.read_frames(out, DecodeSpec.sized((160, 96)))
     assert frames.shape == (n, 96, 160, 3)
     assert (info.width, info.height, info.fps, info.frame_count) == (160, 96, Fraction(7), n)
     assert [index_of(f) for f in frames] == list(range(n))
@@ -170,7 +170,7 @@ def test_output_size_rounding() -> None:
     assert video.output_size(512, 512, DecodeSpec()) == (512, 512)
     assert video.output_size(10, 10, DecodeSpec(target_area=64 * 64)) == (64, 64)
     assert video.output_size(4000, 100, DecodeSpec())[1] == 64  # never below 64
-    assert video.output_size(1920, 1080, DecodeSpec(size=(320, 192))) == (320, 192)
+    assert video.output_size(1920, 1080, DecodeSpec.sized((320, 192))) == (320, 192)
 
 
 def test_fit_frame_covers_and_centre_crops() -> None:
@@ -190,11 +190,11 @@ def test_fit_frame_covers_and_centre_crops() -> None:
 
 def test_start_stride_max_frames_selection(tmp_path: Path) -> None:
     path = write_frames_as(tmp_path / "idx.mp4", indexed_frames(30))
-    picked = list(video.iter_frames(path, DecodeSpec(start=3, stride=4, max_frames=5, size=(64, 48))))
+    picked = list(video.iter_frames(path, DecodeSpec.sized((64, 48), start=3, stride=4, max_frames=5)))
     assert [index_of(f) for f in picked] == [3, 7, 11, 15, 19]
-    tail = list(video.iter_frames(path, DecodeSpec(start=25, stride=2, size=(64, 48))))
+    tail = list(video.iter_frames(path, DecodeSpec.sized((64, 48), start=25, stride=2)))
     assert [index_of(f) for f in tail] == [25, 27, 29]
-    last = list(video.iter_frames(path, DecodeSpec(start=29, size=(64, 48))))
+    last = list(video.iter_frames(path, DecodeSpec.sized((64, 48), start=29)))
     assert [index_of(f) for f in last] == [29]
 
 
@@ -236,7 +236,7 @@ def test_other_containers_and_codecs(tmp_path: Path, suffix: str, codec: str, na
     assert info.codec == name and (info.width, info.height) == (64, 48)
     assert info.fps == 10 and info.frame_count == 10
     assert video.count_frames(path) == 10
-    frames, _ = video.read_frames(path, DecodeSpec(size=(64, 48)))
+    frames, _ = video.read_frames(path, DecodeSpec.sized((64, 48)))
     assert [index_of(f) for f in frames] == list(range(10))
 
 
@@ -247,7 +247,7 @@ def test_variable_frame_rate(tmp_path: Path, suffix: str) -> None:
         tmp_path / f"vfr{suffix}", indexed_frames(len(pts)), fps=25, pts=pts, time_base=Fraction(1, 1000)
     )
     assert video.count_frames(path) == len(pts)
-    frames = list(video.iter_frames(path, DecodeSpec(start=1, stride=2, size=(64, 48))))
+    frames = list(video.iter_frames(path, DecodeSpec.sized((64, 48), start=1, stride=2)))
     assert [index_of(f) for f in frames] == [1, 3, 5, 7, 9]
     info = video.probe(path)
     assert 0 < info.fps < 100

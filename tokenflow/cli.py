@@ -5,49 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from tokenflow.console import ProgressDisplay
 from tokenflow.errors import SpecError, TokenFlowError
-from tokenflow.progress import JobHooks, ProgressEvent
-from tokenflow.specs import DEFAULT_NEGATIVE_PROMPT, METHODS, DecodeSpec, EditSpec, InversionSpec
+from tokenflow.progress import JobHooks
+from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec, spec_fields
+
+S = TypeVar("S")
 
 DEFAULT_STEPS = 50
-
-
-class ProgressBars:
-    """One tqdm bar per stage, on stderr."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._bars: dict[str, Any] = {}
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        bar = self._bars.get(event.stage)
-        if bar is None:
-            bar = self._bars[event.stage] = tqdm(
-                total=event.total or None,
-                desc=event.stage,
-                unit="step",
-                file=sys.stderr,
-                leave=True,
-                dynamic_ncols=True,
-            )
-        bar.n = event.step
-        bar.refresh()
-        if event.total and event.step >= event.total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,6 +28,45 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
     return w, h
+
+
+_FLAG_TYPES: dict[Any, Callable[[str], Any]] = {int: int, float: float, str: str}
+
+
+def _flag_type(annotation: Any) -> Callable[[str], Any]:
+    """argparse type of a spec field: int, float or str (optionals by their non-None member)."""
+    for t in (int, float, str):
+        if annotation is t or annotation == (t | None):
+            return _FLAG_TYPES[t]
+    raise TypeError(f"no flag type for {annotation!r}")
+
+
+def add_spec_flags(p: argparse.ArgumentParser, cls: type, skip: Iterable[str] = ()) -> None:
+    """One flag per declared field of `cls` (tokenflow.specs), named, typed and bounded by its declaration.
+
+    Defaults stay unset (None) on the command line, so the spec's own default applies: one declaration.
+    """
+    group = p.add_argument_group(f"{cls.__name__} ({cls.section} spec)")
+    for f in spec_fields(cls):
+        if not f.doc.flags or f.name in skip:
+            continue
+        default = "" if f.required else f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.doc.help + default}
+        if f.doc.choices is not None:
+            kwargs["choices"] = f.doc.choices
+        else:
+            kwargs["type"] = _flag_type(f.type)
+        group.add_argument(*f.doc.flags, **kwargs)
+
+
+def spec_from_args(cls: type[S], a: argparse.Namespace, **overrides: Any) -> S:
+    """A validated spec from the flags that were given; the rest take the spec's defaults."""
+    values = {f.name: getattr(a, f.name) for f in spec_fields(cls) if getattr(a, f.name, None) is not None}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**values).validate()
+    except TypeError as e:  # a required field without its flag
+        raise SpecError(f"{cls.section}: {e}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,66 +80,59 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--start", type=int, default=0, help="first frame to use")
-    p.add_argument("--frames", type=int, default=None, help="number of frames to use (default: all)")
-    p.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
-    p.add_argument("--size", type=_size, default=None, help="exact WxH (default: aspect kept, ~512x512 area)")
-    p.add_argument("--area", type=int, default=512 * 512, help="target pixel area when --size is not given")
+    add_spec_flags(p, DecodeSpec)
+    p.add_argument("--size", type=_size, default=None, help="exact WxH (same as --width W --height H)")
 
 
-def _add_inversion_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="editing (denoising) steps T (default 50)")
-    p.add_argument(
-        "--inversion-steps", type=int, default=None, help="DDIM inversion steps S, a multiple of T"
-    )
-    p.add_argument("--inversion-prompt", default="", help="prompt used for inversion (empty or a caption)")
-
-
-def _add_edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", "-p", required=True, help="target prompt")
-    p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
-    p.add_argument("--method", choices=METHODS, default="tokenflow")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pnp-attn-t", type=float, default=0.5)
-    p.add_argument("--pnp-f-t", type=float, default=0.8)
-    p.add_argument("--keyframe-interval", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=8, help="frames per UNet batch in propagation (memory)")
-    p.add_argument("--sdedit-start", type=float, default=0.9)
-    p.add_argument("--weighting", choices=("sigmoid", "linear"), default="sigmoid")
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality (0 lossless .. 51)")
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-y", "--overwrite", action="store_true", help="overwrite existing outputs without asking")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
 
 def _decode_spec(a: argparse.Namespace) -> DecodeSpec:
-    return DecodeSpec(
-        start=a.start, max_frames=a.frames, stride=a.stride, size=a.size, target_area=a.area
-    ).validate()
+    size = a.size or (None, None)
+    return spec_from_args(DecodeSpec, a, width=size[0], height=size[1])
 
 
 def _inversion_spec(a: argparse.Namespace, reconstruct: bool) -> InversionSpec:
-    return InversionSpec(
-        prompt=a.inversion_prompt,
-        steps=a.inversion_steps or a.steps or DEFAULT_STEPS,
-        edit_steps=a.steps or DEFAULT_STEPS,
-        reconstruct=reconstruct,
-    ).validate()
+    edit_steps = a.edit_steps or DEFAULT_STEPS
+    return spec_from_args(
+        InversionSpec, a, steps=a.steps or edit_steps, edit_steps=edit_steps, reconstruct=reconstruct
+    )
 
 
 def _edit_spec(a: argparse.Namespace) -> EditSpec:
-    return EditSpec(
-        prompt=a.prompt,
-        negative_prompt=a.negative_prompt,
-        guidance_scale=a.guidance,
-        pnp_attn_t=a.pnp_attn_t,
-        pnp_f_t=a.pnp_f_t,
-        seed=a.seed,
-        keyframe_interval=a.keyframe_interval,
-        chunk_size=a.chunk_size,
-        method=a.method,
-        sdedit_start=a.sdedit_start,
-        propagation_weighting=a.weighting,
-        crf=a.crf,
-    ).validate()
+    return spec_from_args(EditSpec, a, prompt=a.prompt or "")
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any compute, an output that cannot be written or would silently replace a file."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise SpecError(f"output {str(out)!r} is a directory; give a file name")
+    if not parent.is_dir():
+        raise SpecError(f"cannot write {str(out)!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"cannot write {str(out)!r}: the directory {str(parent)!r} is not writable")
+    if out.exists() and not overwrite:
+        raise SpecError(f"output {str(out)!r} already exists; pass -y to overwrite it")
+    return out
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """An output directory: created if absent, refused if it holds files and -y was not given."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"cannot save into {str(out)!r}: it is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SpecError(f"directory {str(out)!r} is not empty; pass -y to overwrite what it holds")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and not parent.is_dir():
+        raise SpecError(f"cannot save into {str(out)!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(out if out.exists() else parent, os.W_OK | os.X_OK):
+        raise SpecError(f"cannot save into {str(out)!r}: not writable")
+    return out
 
 
 def _load_model(a: argparse.Namespace) -> Any:
@@ -149,6 +153,7 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.synthetic import make_clip
 
     spec = _edit_spec(a)
+    output = check_output_file(a.output, a.overwrite)
     source = a.input
     if source is not None and not Path(source).is_file():
         raise SpecError(f"cannot read {source!r} as a video: no such file")
@@ -156,9 +161,9 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
     if a.from_inversion:
         inversion = Inversion.load(a.from_inversion)
         saved_steps = len(inversion.edit_timesteps)
-        if a.steps is not None and a.steps != saved_steps:
+        if a.edit_steps is not None and a.edit_steps != saved_steps:
             raise SpecError(
-                f"--steps {a.steps}: the saved inversion keeps latents for {saved_steps} editing steps; "
+                f"--steps {a.edit_steps}: the saved inversion keeps latents for {saved_steps} editing steps; "
                 "invert again with the step count you want"
             )
         if source is None and inversion.extra.get("source_path"):
@@ -166,19 +171,21 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
             if not Path(source).is_file():
                 print(f"note: source video {source} is gone; the edit will have no audio", file=sys.stderr)
                 source = None
-    bars = ProgressBars(not a.quiet)
-    hooks = JobHooks(progress=bars)
+    else:
+        decode, inversion_spec = _decode_spec(a), _inversion_spec(a, a.reconstruct)
+    progress = ProgressDisplay(not a.quiet)
+    hooks = JobHooks(progress=progress)
     model = _load_model(a)
     if inversion is None:
         if source is None:
             source = str(Path(tempfile.mkdtemp(prefix="tokenflow-")) / "generated.mp4")
             make_clip(source, frames=24, size=(256, 256), fps=12, audio=True)
             print(f"no INPUT given: generated a test clip at {source}", file=sys.stderr)
-            if a.size is None:  # edit the generated clip at its own size, not upscaled to --area
-                a.size = (256, 256)
-        inversion = invert_video(model, source, _decode_spec(a), _inversion_spec(a, a.reconstruct), hooks)
-    out = render_edit(model, inversion, spec, a.output, audio_source=source, hooks=hooks)
-    bars.close()
+            if decode.size is None:  # edit the generated clip at its own size, not upscaled to the area
+                decode = decode.replace(width=256, height=256)
+        inversion = invert_video(model, source, decode, inversion_spec, hooks)
+    out = render_edit(model, inversion, spec, output, audio_source=source, hooks=hooks)
+    progress.close()
     return {
         "output": str(out.path),
         "frames": out.frames,
@@ -194,14 +201,14 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_invert(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.pipeline import invert_video
 
-    bars = ProgressBars(not a.quiet)
+    decode, spec = _decode_spec(a), _inversion_spec(a, not a.no_reconstruct)
+    save = check_output_dir(a.save, a.overwrite)
+    progress = ProgressDisplay(not a.quiet)
     model = _load_model(a)
-    inversion = invert_video(
-        model, a.input, _decode_spec(a), _inversion_spec(a, not a.no_reconstruct), JobHooks(progress=bars)
-    )
+    inversion = invert_video(model, a.input, decode, spec, JobHooks(progress=progress))
     inversion.extra["source_path"] = str(Path(a.input).resolve())
-    inversion.save(a.save)
-    bars.close()
+    inversion.save(save)
+    progress.close()
     return {
         "saved": a.save,
         "frames": inversion.n_frames,
@@ -216,31 +223,54 @@ def cmd_invert(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.eval import evaluate_videos
 
-    decode = DecodeSpec(start=a.start, max_frames=a.frames, stride=a.stride).validate()
-    return evaluate_videos(a.source, a.edited, decode=decode)
+    return evaluate_videos(a.source, a.edited, decode=spec_from_args(DecodeSpec, a))
 
 
 def cmd_parity(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.parity import run_parity
 
-    bars = ProgressBars(not a.quiet)
-    report = run_parity(a.fixture, device=a.device or "cpu", hooks=JobHooks(progress=bars))
-    bars.close()
+    progress = ProgressDisplay(not a.quiet)
+    report = run_parity(a.fixture, device=a.device or "cpu", hooks=JobHooks(progress=progress))
+    progress.close()
     return report
 
 
 def cmd_make_clip(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.synthetic import make_clip
 
-    path = make_clip(a.output, frames=a.frames, size=a.size, fps=a.fps, audio=not a.no_audio, seed=a.seed)
+    output = check_output_file(a.output, a.overwrite)
+    path = make_clip(output, frames=a.frames, size=a.size, fps=a.fps, audio=not a.no_audio, seed=a.seed)
     return {"output": str(path), "frames": a.frames, "size": list(a.size), "fps": a.fps}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def version() -> str:
+    """The installed distribution's version (one declaration: pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tokenflow-service")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+COMMAND_GROUP = "tokenflow.commands"
+"""Entry-point group of commands other layers add to `tokenflow` (the services add `serve`): the
+library finds them by name at run time and never imports their modules itself."""
+
+
+def plugin_commands() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def build_parser(plugins: Iterable[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenflow", description="Text-driven video editing with TokenFlow."
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -252,29 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reconstruct", action="store_true", help="also reconstruct and report the inversion's PSNR"
     )
-    p.add_argument("--quiet", "-q", action="store_true")
+    _add_output_args(p)
     _add_model_args(p)
     _add_decode_args(p)
-    _add_inversion_args(p)
-    _add_edit_args(p)
+    add_spec_flags(p, InversionSpec)
+    add_spec_flags(p, EditSpec)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("invert", help="invert a video once and save it for many edits")
     p.add_argument("input")
     p.add_argument("--save", required=True, help="directory to write the inversion to")
     p.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction PSNR check")
-    p.add_argument("--quiet", "-q", action="store_true")
+    _add_output_args(p)
     _add_model_args(p)
     _add_decode_args(p)
-    _add_inversion_args(p)
+    add_spec_flags(p, InversionSpec)
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("eval", help="warp error (flow of the source) and PSNR of an edited video")
     p.add_argument("--source", required=True)
     p.add_argument("--edited", required=True)
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--stride", type=int, default=1)
+    add_spec_flags(p, DecodeSpec, skip=("width", "height", "target_area"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("parity", help="compare against the official code's numbers in a parity fixture")
@@ -290,23 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-audio", action="store_true")
+    p.add_argument("-y", "--overwrite", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_make_clip)
 
-    p = sub.add_parser("serve", help="run the gRPC services (see `tokenflow serve --help`)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=None)
+    for name in plugins:
+        p = sub.add_parser(name, help=f"{name} (see `tokenflow {name} --help`)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        # The services are a separate layer; the library only forwards to them.
-        from services.server import main as serve_main
-
-        return serve_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    plugins = plugin_commands()
+    parser = build_parser(plugins)
+    args, rest = parser.parse_known_args(argv)
+    if args.func is None:  # a command of another layer: it parses its own flags
+        forwarded = [*args.rest, *rest]
+        if args.verbose and "--log-level" not in forwarded:
+            forwarded = ["--log-level", "INFO", *forwarded]
+        return int(plugins[args.command].load()(forwarded) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -29,7 +29,9 @@ class TooLargeError(TokenFlowError):
     `limit_name` and `limit` say which limit and its value, for machine-readable error details.
     """
 
-    def __init__(self, message: str, *, limit_name: str | None = None, limit: int | float | None = None) -> None:
+    def __init__(
+        self, message: str, *, limit_name: str | None = None, limit: int | float | None = None
+    ) -> None:
         super().__init__(message)
         self.limit_name = limit_name
         self.limit = limit

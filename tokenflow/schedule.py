@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler
 
 from tokenflow.errors import SpecError
 from tokenflow.models import Model
+from tokenflow.specs import EditSpec
 
 
 def make_scheduler(model: Model, steps: int) -> DDIMScheduler:
@@ -97,3 +98,10 @@ def window_centres(n_frames: int, interval: int) -> list[int]:
         w * interval + (min(interval, n_frames - w * interval)) // 2
         for w in range(window_count(n_frames, interval))
     ]
+
+
+def resolve_schedule(spec: EditSpec, n_frames: int, steps: int) -> list[list[int]]:
+    """The keyframes an edit uses at each of its `steps` steps: the explicit schedule, or the seed's draw."""
+    if spec.keyframe_schedule is not None:
+        return validate_schedule(spec.keyframe_schedule, n_frames, spec.keyframe_interval, steps)
+    return draw_keyframes(n_frames, spec.keyframe_interval, steps, spec.seed)
