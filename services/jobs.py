@@ -16,7 +16,11 @@ Finished jobs are forgotten at once: their results live in the artifact store, s
 store before submitting (and the job function should check it again first thing, because a job that
 finished between that check and `submit` is gone from the table).
 
-Nothing here knows about torch or gRPC; servicers translate events and exceptions.
+Nothing here knows about torch or gRPC; servicers translate events and exceptions. A worker hands its
+OpenMP team back (`tokenflow.threads.release_openmp_team`) when a job's function returns, before anyone
+hears the result: libgomp keeps one team per thread that ever computed and throttles every team's
+spin-waits once they hold more threads than there are CPUs, so the parked teams of idle stages would slow
+the stage that computes next.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from tokenflow.errors import Cancelled, ModelError, SpecError, TooLargeError, VideoError
+from tokenflow.threads import release_openmp_team
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +473,10 @@ class JobManager:
         try:
             if job._cancel_event.is_set():
                 ctx.check_cancelled()
-            result = job._fn(ctx)
+            try:
+                result = job._fn(ctx)
+            finally:
+                self._release_thread_resources()  # before a subscriber can start the next stage's work
         except BaseException as e:  # delivered to every subscriber
             error: BaseException = e
             if isinstance(e, Cancelled) and job._cancel_reason is not None:
@@ -481,6 +489,13 @@ class JobManager:
             return
         self._record_outcome(job, None)
         job._finish(JobState.SUCCEEDED, result, None)
+
+    def _release_thread_resources(self) -> None:
+        """Give this worker's OpenMP team back while it waits for the next job (see the module docstring)."""
+        try:
+            release_openmp_team()
+        except Exception:  # never lose a job's result over it
+            log.warning("%s worker could not release its OpenMP threads", self.stage, exc_info=True)
 
     def _record_outcome(self, job: Job[Any], error: BaseException | None) -> None:
         m = self.metrics

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.jobs import (
@@ -20,6 +22,7 @@ from services.jobs import (
     ShuttingDown,
 )
 from tokenflow.errors import Cancelled, SpecError
+from tokenflow.threads import loaded_libgomp_path
 
 
 class Gate:
@@ -287,3 +290,23 @@ def test_metrics() -> None:
         assert r.get_sample_value("job_seconds_count", {"stage": "propagation"}) == 2
     finally:
         m.shutdown(grace=0)
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task") or loaded_libgomp_path() is None or torch.get_num_threads() < 2,
+    reason="needs Linux, torch on GNU OpenMP and at least 2 torch threads",
+)
+def test_a_worker_holds_no_openmp_team_once_its_job_returned(manager: JobManager) -> None:
+    """Parked teams of idle stages would throttle the computing stage's spin-waits (see services.jobs)."""
+    seen: dict[str, Any] = {}
+
+    def torch_job(ctx: JobContext) -> float:
+        before = {int(t) for t in os.listdir("/proc/self/task")}
+        value = torch.arange(1 << 20, dtype=torch.float32).mul_(1e-6).exp_().sum().item()  # parallel region
+        seen["team"] = {int(t) for t in os.listdir("/proc/self/task")} - before
+        return value
+
+    first = manager.submit("torch-1", torch_job).wait(30)
+    assert seen["team"], "the job's parallel region started OpenMP workers"
+    wait_for(lambda: not seen["team"] & {int(t) for t in os.listdir("/proc/self/task")}, timeout=5)
+    assert manager.submit("torch-2", torch_job).wait(30) == first  # the next job builds a new team
