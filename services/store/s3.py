@@ -372,7 +372,7 @@ class S3Tier:
                 manifest: Manifest | None = Manifest.from_json(data, key)
             except CorruptArtifact:
                 manifest = None
-            return RecordInfo(key, max(published[key], accessed.get(key, 0.0)), manifest)
+            return RecordInfo(key, accessed.get(key, published[key]), manifest)
 
         with ThreadPoolExecutor(self._max_concurrency) as pool:
             for info in pool.map(read, sorted(published)):

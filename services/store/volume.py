@@ -261,10 +261,10 @@ class VolumeTier:
                     continue
                 except CorruptArtifact:
                     manifest = None
-                atime = st.st_mtime
+                atime = st.st_mtime  # no access record (yet): the publication time
                 if manifest is not None:
                     with contextlib.suppress(FileNotFoundError):
-                        atime = max(atime, self.record_path(manifest.kind, key).stat().st_mtime)
+                        atime = self.record_path(manifest.kind, key).stat().st_mtime
                 yield RecordInfo(key, atime, manifest)
 
     def sweep_temporary(self, older_than: float) -> int:
