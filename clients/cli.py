@@ -1,39 +1,49 @@
 """`tokenflow-client`: the TokenFlow services from a shell.
 
-    tokenflow-client --target HOST:PORT [--timeout S] COMMAND ...
+    tokenflow-client --target HOST:PORT [--timeout S] [-y] COMMAND ...
 
-Commands: edit, invert, keyframes, fetch, stat, health, cancel. Results are JSON on stdout; progress bars
-and errors go to stderr. Exit codes: 0 success, 1 the server (or the connection) failed the request,
-2 a problem on our side (bad arguments, unreadable input file), 130 interrupted. `health` exits 0 only
-when the server reports SERVING, which is what a container HEALTHCHECK needs.
+Commands: edit, invert, keyframes, fetch, stat, health, cancel. Results are JSON on stdout; progress and
+errors go to stderr (one updating line on a terminal, plain lines at a modest rate anywhere else).
+Exit codes: 0 success, 1 the server (or the connection) failed the request, 2 a problem on our side (bad
+arguments, unreadable input, an output that exists or cannot be written), 130 interrupted. `health` exits
+0 only when the server reports SERVING, which is what a container HEALTHCHECK needs.
+
+Like ffmpeg, an existing output file is never overwritten unless `-y`/`--overwrite` is given; output
+locations are checked before anything is uploaded or computed. Spec flags have the library CLI's names
+(clients/flags.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 
-from clients.client import (
-    STAGES,
-    ClientError,
-    TokenFlowClient,
-    decode_spec,
-    edit_spec,
-    inversion_spec,
-    is_digest,
+from clients import __version__
+from clients.client import STAGES, ClientError, TokenFlowClient, is_digest, kind_name
+from clients.flags import (
+    DECODE_FLAGS,
+    EDIT_FLAGS,
+    INVERSION_FLAGS,
+    add_spec_flags,
+    check_ranges,
+    fill_message,
+    section_values,
 )
-from tokenflow_pb.v1 import common_pb2, editor_pb2
+from clients.progress import Progress
+from tokenflow_pb.v1 import common_pb2
 
 DEFAULT_TARGET = "localhost:50051"
 HEALTH_TIMEOUT = 5.0
-METHODS = ("tokenflow", "sdedit", "per-frame", "reconstruct")
 
 
 class UsageError(Exception):
@@ -41,64 +51,7 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Progress bars
-
-
-class ProgressBars:
-    """One tqdm bar per label ("upload", "inversion", "edit 0", ...) on stderr; silent when disabled."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._bars: dict[str, Any] = {}
-
-    def _bar(self, label: str, total: int | None, unit: str = "step") -> Any:
-        bar = self._bars.get(label)
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=True, dynamic_ncols=True)
-            if unit == "B":
-                bar.unit_scale = True
-                bar.unit_divisor = 1024
-            self._bars[label] = bar
-        return bar
-
-    def bytes(self, label: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self._bar(label, total or None, unit="B")
-        bar.n = done
-        bar.refresh()
-
-    def job_event(self, label: str, event: common_pb2.JobEvent) -> None:
-        if not self.enabled:
-            return
-        if event.WhichOneof("event") == "progress":
-            p = event.progress
-            total = p.total_steps or None
-            bar = self._bar(label, total)
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.set_description_str(f"{label}: {p.phase}" if p.phase else label, refresh=False)
-            bar.n = p.step
-            bar.refresh()
-        else:
-            result = event.result
-            bar = self._bar(label, None)
-            bar.set_description_str(f"{label}: {'cached' if result.cache_hit else 'done'}", refresh=False)
-            if bar.total:
-                bar.n = bar.total
-            bar.refresh()
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Argument helpers
+# Specs from the command line
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -111,106 +64,163 @@ def _size(text: str) -> tuple[int, int]:
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("frames")
-    g.add_argument("--start", type=int, default=0, help="first frame to use")
-    g.add_argument("--frames", type=int, default=0, help="number of frames to use (default: all)")
-    g.add_argument("--stride", type=int, default=None, help="use every STRIDE-th frame (default 1)")
-    g.add_argument("--size", type=_size, default=None, help="exact WxH (default: aspect kept, ~512x512)")
-    g.add_argument("--area", type=int, default=None, help="target pixel area when --size is not given")
+    add_spec_flags(g, DECODE_FLAGS)
+    g.add_argument("--size", type=_size, default=None, help="exact WxH: --width W --height H in one flag")
 
 
 def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inversion")
-    g.add_argument("--steps", type=int, default=None, help="editing (denoising) steps T (server default 50)")
-    g.add_argument(
-        "--inversion-steps",
-        type=int,
-        default=None,
-        help="DDIM inversion steps S, a multiple of T (default: T when --steps is given, else 50)",
-    )
-    g.add_argument("--inversion-prompt", default="", help="inversion prompt: empty or a caption")
+    add_spec_flags(g, INVERSION_FLAGS)
     g.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction PSNR check")
 
 
 def _add_edit_args(p: argparse.ArgumentParser, many: bool) -> None:
     g = p.add_argument_group("edit")
-    if many:
-        g.add_argument(
-            "--prompt", "-p", action="append", required=True, help="target prompt (repeat for several edits)"
-        )
-    else:
-        g.add_argument("--prompt", "-p", required=True, help="target prompt")
-    g.add_argument("--negative-prompt", default=None, help='negative prompt ("" for none)')
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (7.5)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the keyframe draws (0)")
-    g.add_argument("--method", choices=METHODS, default=None, help="editing method (tokenflow)")
-    g.add_argument("--pnp-attn-t", type=float, default=None, help="PnP attention injection fraction (0.5)")
-    g.add_argument("--pnp-f-t", type=float, default=None, help="PnP conv injection fraction (0.8)")
-    g.add_argument("--keyframe-interval", type=int, default=None, help="frames per keyframe window (8)")
-    g.add_argument("--chunk-size", type=int, default=None, help="frames per UNet batch in propagation (8)")
-    g.add_argument("--crf", type=int, default=None, help="H.264 quality of the output, 0..51 (18)")
+    add_spec_flags(g, EDIT_FLAGS, repeat=("prompt",) if many else (), required=("prompt",))
 
 
 def _decode(a: argparse.Namespace) -> common_pb2.DecodeSpec:
-    if a.frames < 0 or a.start < 0:
-        raise UsageError("--frames and --start must be >= 0")
-    return decode_spec(start=a.start, max_frames=a.frames, stride=a.stride, size=a.size, target_area=a.area)
+    values = section_values(a, DECODE_FLAGS)
+    if a.size is not None:
+        if values["width"] or values["height"]:
+            raise UsageError("give either --size WxH or --width/--height, not both")
+        values["width"], values["height"] = a.size
+    return fill_message(common_pb2.DecodeSpec(), values)
 
 
 def _inversion(a: argparse.Namespace) -> common_pb2.InversionSpec:
-    # Like `tokenflow edit`: with only --steps given, invert with as many steps (always a valid multiple).
-    steps = a.inversion_steps if a.inversion_steps is not None else a.steps
-    return inversion_spec(
-        prompt=a.inversion_prompt,
-        steps=steps,
-        edit_steps=a.steps,
-        reconstruct=False if a.no_reconstruct else None,
-    )
+    values = section_values(a, INVERSION_FLAGS)
+    if a.no_reconstruct:
+        values["reconstruct"] = False
+    return fill_message(common_pb2.InversionSpec(), values)
 
 
 def _edits(a: argparse.Namespace) -> list[common_pb2.EditSpec]:
-    prompts = a.prompt if isinstance(a.prompt, list) else [a.prompt]
+    values = section_values(a, EDIT_FLAGS)
+    prompts = values.pop("prompt")
     return [
-        edit_spec(
-            prompt,
-            negative_prompt=a.negative_prompt,
-            guidance=a.guidance,
-            seed=a.seed,
-            method=a.method,
-            pnp_attn_t=a.pnp_attn_t,
-            pnp_f_t=a.pnp_f_t,
-            keyframe_interval=a.keyframe_interval,
-            chunk_size=a.chunk_size,
-            crf=a.crf,
-        )
-        for prompt in prompts
+        fill_message(common_pb2.EditSpec(), {"prompt": prompt, **values})
+        for prompt in (prompts if isinstance(prompts, list) else [prompts])
     ]
 
 
-def _out_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output directory {out}: {e.strerror or e}") from None
-    return out
+def _check_spec_args(a: argparse.Namespace) -> None:
+    """Ranges of the spec flags this command has, before anything is sent."""
+    for flags in (DECODE_FLAGS, INVERSION_FLAGS, EDIT_FLAGS):
+        if any(hasattr(a, f.dest) for f in flags):
+            check_ranges(a, flags)
 
 
-def _video_digest(client: TokenFlowClient, source: str, bars: ProgressBars) -> str:
+# ----------------------------------------------------------------------------------------------------------
+# Output files: checked up front, written without overwriting unless -y
+
+
+class Outputs:
+    """The files a command will write into one directory.
+
+    `prepare` (before any upload or RPC) makes sure the directory exists and takes files, and that none
+    of the planned names exists unless overwriting is allowed. `save` downloads into a hidden temporary
+    directory beside the destination and then publishes the file: with a hard link, which fails if the
+    name appeared meanwhile (so even a race cannot overwrite), or with a rename under `-y`.
+    """
+
+    def __init__(self, directory: Path, overwrite: bool) -> None:
+        self.directory = directory
+        self.overwrite = overwrite
+
+    def prepare(self, names: Sequence[str] = (), patterns: Sequence[str] = ()) -> None:
+        out = self.directory
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out, prefix=".tokenflow-client-probe-"):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
+        if self.overwrite:
+            return
+        existing = [out / n for n in names if (out / n).exists()]
+        existing += sorted(p for pattern in patterns for p in out.glob(pattern))
+        if existing:
+            shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+            raise UsageError(f"{shown} already exists; not overwriting (use -y to overwrite)")
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=".tokenflow-client-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(
+        self,
+        client: TokenFlowClient,
+        digest: str,
+        name: str,
+        filename: str | None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Download file `name` of artifact `digest` as `filename` (None: the server's file name)."""
+        with self._staging() as tmp:
+            report = (
+                None if progress is None else lambda done, total: progress.transfer("download", done, total)
+            )
+            got = client.download(digest, tmp / filename if filename else tmp, name=name, progress=report)
+            return self.publish(got, self.directory / got.name)
+
+    def publish(self, source: Path, dest: Path) -> Path:
+        if self.overwrite:
+            os.replace(source, dest)
+            return dest
+        try:
+            os.link(source, dest)
+        except FileExistsError:
+            raise UsageError(f"{dest} already exists; not overwriting (use -y to overwrite)") from None
+        except OSError:  # a file system without hard links: check, then rename
+            if dest.exists():
+                raise UsageError(f"{dest} already exists; not overwriting (use -y to overwrite)") from None
+            os.replace(source, dest)
+        return dest
+
+
+def _video_digest(client: TokenFlowClient, source: str, progress: Progress) -> str:
     """INPUT is a local video file (uploaded now) or the digest of one uploaded before."""
     if is_digest(source) and not os.path.exists(source):
         return source
+    return client.upload(source, progress=lambda done, total: progress.transfer("upload", done, total))
+
+
+def _check_input(source: str) -> None:
+    if is_digest(source) and not os.path.exists(source):
+        return
     if not os.path.isfile(source):
         raise UsageError(f"no such file: {source} (give a video file or the digest of an uploaded one)")
     try:
-        return client.upload(source, progress=lambda done, total: bars.bytes("upload", done, total))
-    finally:
-        bars.close()
+        with open(source, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror or e}") from None
+
+
+def _on_event(progress: Progress, label: str) -> Any:
+    """A job stream's callback: each response's `progress` or `result` goes to the printer."""
+
+    def on_event(event: Any) -> None:
+        which = event.WhichOneof("event")
+        if which == "progress":
+            progress.update(label, event.progress)
+        elif which == "result":
+            progress.finish(label, event.result)
+
+    return on_event
 
 
 def _result_summary(result: common_pb2.Result) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "digest": result.digest,
-        "kind": result.kind,
+        "kind": kind_name(result.kind),
         "cache_hit": result.cache_hit,
     }
     info = result.WhichOneof("info")
@@ -221,43 +231,41 @@ def _result_summary(result: common_pb2.Result) -> dict[str, Any]:
     return summary
 
 
-def _result_files(client: TokenFlowClient, result: common_pb2.Result, out: Path, stem: str) -> list[str]:
-    """Download a propagation's video as <stem>.mp4, or a keyframe preview's images as <stem>-<name>."""
+def _result_files(client: TokenFlowClient, result: common_pb2.Result, out: Outputs, stem: str) -> list[str]:
+    """Save a full edit's video as <stem>.mp4, or a keyframe preview's images as <stem>-<name>."""
     if result.WhichOneof("info") == "keyframes":
         names = list(result.keyframes.image_files)
-        return [str(client.download(result.digest, out / f"{stem}-{name}", name=name)) for name in names]
+        return [str(out.save(client, result.digest, name, f"{stem}-{name}")) for name in names]
     video = result.propagation.video_file if result.HasField("propagation") else ""
-    return [str(client.download(result.digest, out / f"{stem}.mp4", name=video))]
+    return [str(out.save(client, result.digest, video, f"{stem}.mp4"))]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Commands
 
 
-def cmd_edit(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
-    out = _out_dir(a.out_dir)
+def cmd_edit(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     edits = _edits(a)
     decode, inversion = _decode(a), _inversion(a)
-    video = _video_digest(client, a.input, bars)
+    _check_input(a.input)
+    out = Outputs(Path(a.out_dir), a.overwrite)
+    if a.keyframes_only:
+        out.prepare(patterns=[f"edit-{i}-*" for i in range(len(edits))])
+    else:
+        out.prepare(names=[f"edit-{i}.mp4" for i in range(len(edits))])
+    video = _video_digest(client, a.input, progress)
     inversion_result: list[common_pb2.Result] = []
 
-    def on_event(event: editor_pb2.EditorEvent) -> None:
+    def on_event(event: Any) -> None:
         label = "inversion" if event.edit_index < 0 else f"edit {event.edit_index}"
-        bars.job_event(label, event.event)
-        if event.edit_index < 0 and event.event.WhichOneof("event") == "result":
-            inversion_result.append(event.event.result)
+        _on_event(progress, label)(event)
+        if event.edit_index < 0 and event.WhichOneof("event") == "result":
+            inversion_result.append(event.result)
 
-    try:
-        results = client.edit(
-            video,
-            edits,
-            decode=decode,
-            inversion=inversion,
-            keyframes_only=a.keyframes_only,
-            on_event=on_event,
-        )
-    finally:
-        bars.close()
+    results = client.edit(
+        video, edits, decode=decode, inversion=inversion, keyframes_only=a.keyframes_only, on_event=on_event
+    )
+    progress.close()
     summary: dict[str, Any] = {"video_digest": video}
     if inversion_result:
         summary["inversion"] = _result_summary(inversion_result[0])
@@ -271,73 +279,87 @@ def cmd_edit(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars)
     return summary
 
 
-def cmd_invert(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
+def cmd_invert(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     decode, inversion = _decode(a), _inversion(a)
-    video = _video_digest(client, a.input, bars)
-    try:
-        result = client.invert(
-            video, decode=decode, inversion=inversion, on_event=lambda e: bars.job_event("inversion", e)
-        )
-    finally:
-        bars.close()
+    _check_input(a.input)
+    video = _video_digest(client, a.input, progress)
+    result = client.invert(
+        video, decode=decode, inversion=inversion, on_event=_on_event(progress, "inversion")
+    )
     return {"video_digest": video, **_result_summary(result), "test_model": result.test_model}
 
 
-def cmd_keyframes(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
+def cmd_keyframes(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     if not is_digest(a.inversion_digest):
         raise UsageError(f"{a.inversion_digest!r} is not a digest (64 lowercase hex characters)")
-    out = _out_dir(a.out_dir)
     (edit,) = _edits(a)
-    try:
-        result = client.keyframes(a.inversion_digest, edit, on_event=lambda e: bars.job_event("keyframes", e))
-    finally:
-        bars.close()
+    out = Outputs(Path(a.out_dir), a.overwrite)
+    out.prepare(patterns=["keyframes-*"])
+    result = client.keyframes(a.inversion_digest, edit, on_event=_on_event(progress, "keyframes"))
+    progress.close()
     files = _result_files(client, result, out, "keyframes")
     return {"prompt": edit.prompt, **_result_summary(result), "files": files, "test_model": result.test_model}
 
 
-def cmd_fetch(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
+def cmd_fetch(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     dest = Path(a.output)
-    if not dest.is_dir() and not dest.parent.is_dir():
-        raise UsageError(f"the directory of {dest} does not exist")
-    try:
-        path = client.download(
-            a.digest, dest, name=a.name, progress=lambda done, total: bars.bytes("download", done, total)
-        )
-    finally:
-        bars.close()
+    if dest.is_dir():
+        out, filename = Outputs(dest, a.overwrite), None
+        out.prepare()
+    else:
+        out, filename = Outputs(dest.parent, a.overwrite), dest.name
+        if not dest.parent.is_dir():
+            raise UsageError(f"the directory of {dest} does not exist")
+        out.prepare(names=[dest.name])
+    path = out.save(client, a.digest, a.name, filename, progress=progress)
     return {"digest": a.digest, "path": str(path), "size": path.stat().st_size}
 
 
-def cmd_stat(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
+def cmd_stat(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     info = client.stat(a.digest)
     summary = json_format.MessageToDict(info, preserving_proto_field_name=True)
+    summary["kind"] = kind_name(info.kind)
     summary["meta"] = json.loads(summary.pop("meta_json", "{}") or "{}")
     return summary
 
 
-def cmd_cancel(client: TokenFlowClient, a: argparse.Namespace, bars: ProgressBars) -> dict[str, Any]:
+def cmd_cancel(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     response = client.cancel(a.stage, a.job_id)
     return {"cancelled": response.cancelled, "message": response.message}
+
+
+def _add_overwrite(p: argparse.ArgumentParser, top: bool) -> None:
+    # On the top level and on each writing command, so `-y` works in either place (like ffmpeg's).
+    # The commands' default is SUPPRESS, so they never reset a top-level -y.
+    p.add_argument(
+        "-y",
+        "--overwrite",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="overwrite existing output files (default: refuse, and stop before any work)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenflow-client", description="Client of the TokenFlow video editing services."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--target",
         default=os.environ.get("TOKENFLOW_TARGET", DEFAULT_TARGET),
         help=f"server address HOST:PORT (default: $TOKENFLOW_TARGET or {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    _add_overwrite(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("edit", help="upload a video and edit it under one or more prompts")
     p.add_argument("input", help="video file (or the digest of an uploaded video)")
     p.add_argument("--out-dir", required=True, help="directory for edit-<i>.mp4 (or keyframe PNGs)")
     p.add_argument("--keyframes-only", action="store_true", help="only a keyframe preview of each edit")
+    _add_overwrite(p, top=False)
     _add_edit_args(p, many=True)
     _add_decode_args(p)
     _add_inversion_args(p)
@@ -352,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keyframes", help="keyframe preview of an edit of an inverted video")
     p.add_argument("inversion_digest", metavar="INVERSION_DIGEST")
     p.add_argument("--out-dir", required=True, help="directory for the keyframe PNGs")
+    _add_overwrite(p, top=False)
     _add_edit_args(p, many=False)
     p.set_defaults(func=cmd_keyframes)
 
@@ -359,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("digest", metavar="DIGEST")
     p.add_argument("--name", default="", help="file inside the artifact (default: its primary file)")
     p.add_argument("-o", "--output", default=".", help="file or directory to write to (default: .)")
+    _add_overwrite(p, top=False)
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("stat", help="describe an artifact")
@@ -380,28 +404,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         a = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # argparse printed the usage and the problem
+    except SystemExit as e:  # argparse printed the usage and the problem (or --help / --version)
         return int(e.code) if isinstance(e.code, int) else 2
-    bars = ProgressBars(enabled=not a.quiet)
+    progress = Progress(sys.stderr, enabled=not a.quiet)
     try:
+        _check_spec_args(a)
         with TokenFlowClient(a.target, timeout=a.timeout) as client:
             if a.command == "health":
                 timeout = a.timeout if a.timeout is not None else HEALTH_TIMEOUT
                 status = client.health(a.service, timeout=timeout)
                 print(status)
                 return 0 if status == "SERVING" else 1
-            summary = a.func(client, a, bars)
+            summary = a.func(client, a, progress)
     except ClientError as e:
+        progress.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, OSError) as e:
+        progress.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        progress.close()
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        bars.close()
+    progress.close()
     print(json.dumps(summary, indent=1))
     return 0
 

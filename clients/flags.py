@@ -6,20 +6,22 @@ are declared again here, with the same names, defaults, choices and ranges; test
 checks this table against the library's declarations field by field, so the two cannot drift.
 
 A flag's value goes into the proto field of the same name (proto field names equal spec field names).
-String choices become enum values by the API's naming rule: "per-frame" in `EditMethod` is
-EDIT_METHOD_PER_FRAME. A value of None (no default, not given) leaves the field unset, so the server
-applies its default.
+String choices become enum values by the API's naming rule (clients.client.enum_number): "per-frame"
+in `EditMethod` is EDIT_METHOD_PER_FRAME. A value of None (no default, not given) leaves the field
+unset, so the server applies its default: the command line never restates a default.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
+
+from clients.client import enum_number
 
 __all__ = [
     "DECODE_FLAGS",
@@ -29,7 +31,6 @@ __all__ = [
     "SpecFlag",
     "add_spec_flags",
     "check_ranges",
-    "enum_number",
     "fill_message",
     "section_values",
 ]
@@ -53,8 +54,8 @@ class SpecFlag:
     maximum: int | float | None = None
     choices: tuple[str, ...] | None = None
     same_as: str | None = None
-    """A field of the same section whose value this one takes when not given (its declared default is
-    that field's default): `--inversion-steps` follows `--steps`, so `--steps 4` alone inverts with 4."""
+    """A field of the same section whose value this one takes when not given (the two declared defaults
+    are equal): `--inversion-steps` follows `--steps`, so `--steps 4` alone inverts with 4 steps."""
 
     @property
     def dest(self) -> str:
@@ -114,13 +115,15 @@ DECODE_FLAGS: tuple[SpecFlag, ...] = (
 )
 
 INVERSION_FLAGS: tuple[SpecFlag, ...] = (
-    _inversion("prompt", ["--inversion-prompt"], str, "", "inversion prompt: empty or a caption"),
+    _inversion(
+        "prompt", ["--inversion-prompt"], str, "", "inversion prompt: empty or a caption of the source video"
+    ),
     _inversion(
         "steps",
         ["--inversion-steps"],
         int,
         50,
-        "DDIM inversion steps S, a multiple of the editing steps (default: --steps)",
+        "DDIM inversion steps S, a multiple of the editing steps",
         minimum=1,
         maximum=1000,
         same_as="edit_steps",
@@ -146,13 +149,15 @@ INVERSION_FLAGS: tuple[SpecFlag, ...] = (
 )
 
 EDIT_FLAGS: tuple[SpecFlag, ...] = (
-    _edit("prompt", ["--prompt", "-p"], str, None, "target prompt (not used by reconstruct)"),
+    _edit(
+        "prompt", ["--prompt", "-p"], str, None, "target prompt (required unless the method is reconstruct)"
+    ),
     _edit(
         "negative_prompt",
         ["--negative-prompt"],
         str,
         NEGATIVE_PROMPT,
-        'negative prompt of classifier-free guidance ("" for none)',
+        "negative prompt of classifier-free guidance",
     ),
     _edit(
         "guidance_scale",
@@ -221,9 +226,14 @@ EDIT_FLAGS: tuple[SpecFlag, ...] = (
     _edit("crf", ["--crf"], int, 18, "H.264 quality of the output (0 lossless .. 51)", minimum=0, maximum=51),
 )
 
+_ALL = DECODE_FLAGS + INVERSION_FLAGS + EDIT_FLAGS
+
 
 def _help(flag: SpecFlag) -> str:
-    if flag.default is None or flag.default == "" or flag.same_as:
+    if flag.same_as:
+        same = next(f for f in _ALL if f.section == flag.section and f.field == flag.same_as)
+        return f"{flag.help} (default: {same.flags[0]})"
+    if flag.default is None:
         return flag.help
     return f"{flag.help} (default: {flag.default})"
 
@@ -236,8 +246,9 @@ def add_spec_flags(
 ) -> None:
     """Add each flag to `group`; fields named in `repeat` may be given several times (a list)."""
     for flag in flags:
-        default = None if flag.same_as else flag.default
-        kwargs: dict[str, Any] = {"dest": flag.dest, "help": _help(flag), "default": default}
+        # No parser default, as in the library CLI: a flag not given leaves its field unset, and the
+        # server applies the spec's default (shown in the help).
+        kwargs: dict[str, Any] = {"dest": flag.dest, "help": _help(flag), "default": None}
         if flag.choices is not None:
             kwargs["choices"] = flag.choices
         else:
@@ -263,28 +274,14 @@ def check_ranges(args: argparse.Namespace, flags: Sequence[SpecFlag]) -> None:
                 raise ValueError(f"{flag.flags[0]} must be in [{flag.minimum}, {flag.maximum}], got {value}")
 
 
-def _upper_snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
-
-
-def enum_number(message: Message, field: str, value: str) -> int:
-    """The enum number of a choice: "per-frame" in EditSpec.method -> EDIT_METHOD_PER_FRAME."""
-    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
-    name = f"{_upper_snake(enum.name)}_{value.strip().upper().replace('-', '_')}"
-    if name not in enum.values_by_name:
-        known = [v.name for v in enum.values if v.number]
-        raise ValueError(f"{value!r} is not a value of {enum.name} ({', '.join(known)})")
-    return enum.values_by_name[name].number
-
-
 def fill_message(message: Message, values: dict[str, Any]) -> Message:
     """Set each field of `values` (skipping None) on `message`, choices as enums; returns `message`."""
     for field, value in values.items():
         if value is None:
             continue
-        descriptor = message.DESCRIPTOR.fields_by_name[field]
-        if descriptor.enum_type is not None and isinstance(value, str):
-            value = enum_number(message, field, value)
+        enum = message.DESCRIPTOR.fields_by_name[field].enum_type
+        if enum is not None and isinstance(value, str):
+            value = enum_number(EnumTypeWrapper(enum), value, field)
         setattr(message, field, value)
     return message
 

@@ -7,19 +7,23 @@ changes, when it ends, and otherwise at most once every `interval` seconds, with
 escape codes, so a log stays readable and small.
 
 Text that comes from the server (phase names, notes) is stripped of control characters before printing.
-Depends only on the standard library and protobuf message introspection (no tqdm).
+Depends only on the standard library and the generated messages (no tqdm).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
-__all__ = ["Progress", "describe_progress", "describe_result", "enum_text"]
+from clients.client import phase_name, seconds
+from tokenflow_pb.v1 import common_pb2
+
+__all__ = ["Progress", "describe_progress", "describe_result"]
 
 LOG_INTERVAL = 5.0
 """Seconds between two plain lines of the same unchanged phase when stderr is not a terminal."""
@@ -36,55 +40,42 @@ def _clean(text: str) -> str:
     return " ".join(_CONTROL.sub(" ", _ESCAPE.sub("", text)).split())
 
 
-def enum_text(message: Any, field: str) -> str:
-    """A field as short lowercase text: enum PHASE_INVERT -> "invert", strings as they are, "" if unset.
-
-    Works for string fields and for enums named by the API's convention (the value's name carries the
-    enum type's prefix), so the printer does not depend on which of the two a message uses.
-    """
-    descriptor = message.DESCRIPTOR.fields_by_name.get(field)
-    if descriptor is None:
-        return ""
-    value = getattr(message, field)
-    if descriptor.enum_type is None:
-        return _clean(str(value))
-    enum_value = descriptor.enum_type.values_by_number.get(value)
-    if enum_value is None or value == 0:
-        return ""
-    name = enum_value.name
-    prefix = _upper_snake(descriptor.enum_type.name) + "_"
-    if name.startswith(prefix):
-        name = name[len(prefix) :]
-    return name.lower().replace("_", "-")
-
-
-def _upper_snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
-
-
-def describe_progress(progress: Any) -> tuple[str, str]:
+def describe_progress(progress: common_pb2.Progress) -> tuple[str, str]:
     """(phase, detail) of a Progress message, e.g. ("invert", "12/50 24%") or ("queued", "2 ahead")."""
-    phase = enum_text(progress, "phase")
+    phase = phase_name(progress.phase)
     parts: list[str] = []
-    if phase == "queued" and getattr(progress, "queue_position", 0):
+    if phase == "queued" and progress.queue_position:
         parts.append(f"{progress.queue_position} ahead")
-    step, total = getattr(progress, "step", 0), getattr(progress, "total_steps", 0)
+    step, total = progress.step, progress.total_steps
     if total:
         parts.append(f"{step}/{total} {100 * step // total}%")
     elif step:
         parts.append(str(step))
-    frames, frames_total = getattr(progress, "frames_done", 0), getattr(progress, "frames_total", 0)
+    frames, frames_total = progress.frames_done, progress.frames_total
     if frames_total:
         parts.append(f"frames {frames}/{frames_total}")
-    note = _clean(getattr(progress, "message", "") or "")
+    if progress.HasField("eta"):
+        parts.append(f"eta {_duration(seconds(progress.eta))}")
+    note = _clean(progress.message)
     if note:
         parts.append(f"({note})")
     return phase, " ".join(parts)
 
 
-def describe_result(result: Any) -> str:
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def describe_result(result: common_pb2.Result) -> str:
     """ "done" or "cached" for a Result message."""
-    return "cached" if getattr(result, "cache_hit", False) else "done"
+    return "cached" if result.cache_hit else "done"
 
 
 def _size(n: float) -> str:
@@ -139,14 +130,14 @@ class Progress:
         text = f"{_size(done)}/{_size(total)} {100 * done // total}%" if total else _size(done)
         self._report(label, "", text, final=bool(total) and done >= total)
 
-    def update(self, label: str, progress: Any) -> None:
+    def update(self, label: str, progress: common_pb2.Progress) -> None:
         """A job's Progress message."""
         if not self.enabled:
             return
         phase, detail = describe_progress(progress)
         self._report(label, phase, detail, final=False)
 
-    def finish(self, label: str, result: Any) -> None:
+    def finish(self, label: str, result: common_pb2.Result) -> None:
         """A job's Result message: the task's final line."""
         if not self.enabled:
             return
@@ -187,6 +178,10 @@ class Progress:
     def _draw_tty(self, text: str, force: bool, now: float) -> None:
         if not force and now - self._last_draw < TTY_INTERVAL:
             return
+        # A line longer than the terminal would wrap, and "\r" only returns to the start of its last row.
+        width = shutil.get_terminal_size(fallback=(80, 24)).columns - 1
+        if len(text) > width > 0:
+            text = text[: max(0, width - 3)] + "..."
         self.stream.write("\r" + text + "\x1b[K")
         self.stream.flush()
         self._open_line = True
