@@ -238,6 +238,48 @@ class Metrics:
         self.process_memory = ProcessCollector(registry=r)
         self.platform = PlatformCollector(registry=r)
 
+    def initialise(
+        self,
+        rpcs: Iterable[tuple[str, str, str]] = (),
+        stages: Iterable[str] = (),
+        kinds: Iterable[str] = (),
+    ) -> None:
+        """Create every known label set at zero, at start-up.
+
+        A series that appears only with its first event defeats `rate()` and `increase()` alerts: the first
+        cache corruption or the first failed job would never fire one. `rpcs` are (grpc_type, full service
+        name, method) of every hosted RPC; `stages` the stage labels; `kinds` the artifact kinds.
+        """
+        for grpc_type, service, method in rpcs:
+            short = service.rsplit(".", 1)[-1].lower()
+            rpc = (grpc_type, service, method)
+            self.grpc_server_started_total.labels(*rpc)
+            self.grpc_server_handling_seconds.labels(*rpc)
+            self.grpc_server_msg_received_total.labels(*rpc)
+            self.grpc_server_msg_sent_total.labels(*rpc)
+            self.request_seconds.labels(service=short, method=method)
+            for outcome in OUTCOMES:
+                self.requests_total.labels(service=short, method=method, outcome=outcome)
+                self.grpc_server_handled_total.labels(*rpc, "OK" if outcome == "ok" else outcome.upper())
+        for stage in stages:
+            self.job_seconds.labels(stage=stage)
+            self.jobs_in_flight.labels(stage=stage)
+            self.jobs_queued.labels(stage=stage)
+            self.denoising_steps_total.labels(stage=stage)
+            self.frames_processed_total.labels(stage=stage)
+            for outcome in OUTCOMES:
+                self.jobs_total.labels(stage=stage, outcome=outcome)
+        for kind in kinds:
+            for counter in (
+                self.cache_hits_total,
+                self.cache_misses_total,
+                self.cache_written_bytes_total,
+                self.cache_read_bytes_total,
+                self.cache_evictions_total,
+                self.cache_corrupt_total,
+            ):
+                counter.labels(kind=kind)
+
     def update_accelerator_memory(self) -> None:
         """Read torch.cuda memory stats of every visible device into the gauge; no-op without CUDA.
 

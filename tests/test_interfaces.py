@@ -282,3 +282,34 @@ def test_json_logs_carry_the_job_id() -> None:
     assert first["message"] == "step 3 of 50" and first["job_id"] == "ab" * 32
     assert first["stage"] == "propagation" and first["level"] == "INFO" and first["time"].endswith("+00:00")
     assert second["job_id"] is None
+
+
+# -- metrics: every known series from the start -----------------------------------------------------------
+
+
+def test_every_known_series_exists_at_start(tmp_path: Path) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.config import ServerConfig
+    from services.model_host import ModelHost
+    from services.server import build_server
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, cache_dir=tmp_path / "cache",
+                       preload_model=False)  # fmt: skip
+    with build_server(cfg, model_host=ModelHost("tiny", device="cpu")) as running:
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    series = {
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    # Nothing has happened yet, and still the series alerts use are there, at zero.
+    assert ("tokenflow_cache_corrupt_total", (("kind", "inversion"),)) in series
+    assert ("tokenflow_jobs_total", (("outcome", "internal"), ("stage", "propagation"))) in series
+    upload = (("method", "Upload"), ("outcome", "resource_exhausted"), ("service", "artifacts"))
+    assert ("tokenflow_requests_total", upload) in series
+    handled = [s for s in series if s[0] == "grpc_server_handled_total" and ("grpc_method", "Invert") in s[1]]
+    assert handled, "grpc_server_handled_total for Inversion.Invert"
