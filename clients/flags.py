@@ -253,6 +253,7 @@ def add_spec_flags(
             kwargs["choices"] = flag.choices
         else:
             kwargs["type"] = flag.type
+            kwargs["metavar"] = flag.field.upper()
         if flag.field in repeat:
             kwargs["action"] = "append"
             kwargs["help"] += " (repeat for several)"
