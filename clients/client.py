@@ -6,7 +6,8 @@ raised as `ClientError` with the server's status code and message, so callers ne
 `grpc.RpcError`s. If a callback raises (or the caller is interrupted), the running call is cancelled,
 which lets the server drop a job nobody waits for.
 
-Only grpc, grpc-health-checking and the generated ``tokenflow_pb`` code are imported here.
+Only grpc, grpc-health-checking, grpcio-status (with googleapis-common-protos) and the generated
+``tokenflow_pb`` code are imported here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from tokenflow_pb.v1 import (
     artifacts_pb2,
@@ -87,12 +90,36 @@ ByteProgress = Callable[[int, int], None]
 
 
 class ClientError(Exception):
-    """A call failed: `code` is the gRPC status code, `message` the server's explanation."""
+    """A call failed: `code` is the gRPC status code, `message` the server's explanation.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    The status details the server sends (google.rpc.Status) are decoded so callers can branch without
+    reading text: `reason` (ErrorInfo.reason, e.g. "QUEUE_FULL", "INPUT_TOO_LARGE", "INVALID_SPEC",
+    "ARTIFACT_NOT_FOUND"; "" when the status has none), `metadata` (ErrorInfo.metadata: the limit or
+    field concerned), `retry_delay` (RetryInfo, seconds; None = retrying as is will not help) and
+    `field_violations` ((field, description) pairs of a BadRequest, e.g. ("edit.guidance_scale", ...)).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        retry_delay: float | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.code = code
         self.message = " ".join((message or "").split()) or code.name.lower().replace("_", " ")
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.retry_delay = retry_delay
+        self.field_violations = list(field_violations)
         super().__init__(f"{code.name}: {self.message}")
+
+    @property
+    def retryable(self) -> bool:
+        """True when the server said a retry can succeed (it sent RetryInfo)."""
+        return self.retry_delay is not None
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
@@ -100,7 +127,25 @@ class ClientError(Exception):
         details = error.details() if callable(getattr(error, "details", None)) else None
         if not isinstance(code, grpc.StatusCode):
             code = grpc.StatusCode.UNKNOWN
-        return cls(code, details or str(error))
+        out = cls(code, details or str(error))
+        status = None
+        if isinstance(error, grpc.Call):
+            with contextlib.suppress(Exception):  # malformed details: keep code and message
+                status = rpc_status.from_call(error)
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                out.reason, out.metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                out.retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                out.field_violations.extend((v.field, v.description) for v in bad.field_violations)
+        return out
 
 
 def is_digest(value: str) -> bool:

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from services.convert import artifact_kind, kind_name
-from services.status import abort_with
+from services.errors import DataLoss
 from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
 from tokenflow.errors import SpecError, TooLargeError
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
@@ -132,13 +132,10 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                 existed=existed,
                 primary=manifest.primary or "",
             )
-        except Exception as e:  # mapped below, outside the try, so context.abort's exception propagates
-            error = e
         finally:
             if tmp_path is not None:
                 with contextlib.suppress(OSError):
                     tmp_path.unlink()
-        abort_with(context, error)
 
     def _check_size(self, size: int, declared: bool) -> None:
         if size > self.max_upload_bytes:
@@ -155,30 +152,30 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     def Download(  # noqa: N802 - gRPC method name
         self, request: artifacts_pb2.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[artifacts_pb2.DownloadResponse]:
-        try:
-            _check_digest(request.digest)
-            art = self.store.get(request.digest)
-            if art is None:
-                raise ArtifactNotFound(_not_found_message(request.digest))
-            manifest = art.manifest
-            name = request.name or manifest.primary
-            if not name:
-                raise SpecError(
-                    f"artifact {request.digest} ({manifest.kind}) has several files and no primary one; "
-                    f"set DownloadRequest.name to one of: {', '.join(sorted(manifest.files))}"
-                )
-            if name not in manifest.files:
-                raise ArtifactNotFound(
-                    f"artifact {request.digest} ({manifest.kind}) has no file {name!r}; "
-                    f"it has: {', '.join(sorted(manifest.files))}"
-                )
-            entry = manifest.files[name]
-            if request.offset > entry.size:
-                raise SpecError(f"offset {request.offset} is beyond the end of {name} ({entry.size} bytes)")
-            art.verify(name)  # never send bytes that do not match the manifest
-            stream = art.open(name)
-        except Exception as e:
-            abort_with(context, e)
+        _check_digest(request.digest)
+        art = self.store.get(request.digest)
+        if art is None:
+            raise ArtifactNotFound(_not_found_message(request.digest))
+        manifest = art.manifest
+        name = request.name or manifest.primary
+        if not name:
+            raise SpecError(
+                f"artifact {request.digest} ({manifest.kind}) has several files and no primary one; "
+                f"set DownloadRequest.name to one of: {', '.join(sorted(manifest.files))}",
+                field="name",
+            )
+        if name not in manifest.files:
+            raise ArtifactNotFound(
+                f"artifact {request.digest} ({manifest.kind}) has no file {name!r}; "
+                f"it has: {', '.join(sorted(manifest.files))}"
+            )
+        entry = manifest.files[name]
+        if request.offset > entry.size:
+            raise SpecError(
+                f"offset {request.offset} is beyond the end of {name} ({entry.size} bytes)", field="offset"
+            )
+        art.verify(name)  # never send bytes that do not match the manifest
+        stream = art.open(name)
 
         with stream:
             yield artifacts_pb2.DownloadResponse(
@@ -204,22 +201,18 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     if start < len(chunk):
                         yield artifacts_pb2.DownloadResponse(chunk=chunk[start:] if start else chunk)
             except CorruptArtifact as e:  # changed on disk since verified: the client must discard it
-                context.abort(grpc.StatusCode.DATA_LOSS, f"{e}; discard the partial download and retry")
+                raise DataLoss(f"{e}; discard the partial download and retry") from e
 
     # -- Get ------------------------------------------------------------------------------------------------
 
     def Get(  # noqa: N802 - gRPC method name
         self, request: artifacts_pb2.GetRequest, context: grpc.ServicerContext
     ) -> artifacts_pb2.GetResponse:
-        try:
-            _check_digest(request.digest)
-            manifest = self.store.stat(request.digest)
-            if manifest is None:
-                raise ArtifactNotFound(_not_found_message(request.digest))
-            return artifacts_pb2.GetResponse(artifact=artifact_message(manifest))
-        except Exception as e:
-            error = e
-        abort_with(context, error)
+        _check_digest(request.digest)
+        manifest = self.store.stat(request.digest)
+        if manifest is None:
+            raise ArtifactNotFound(_not_found_message(request.digest))
+        return artifacts_pb2.GetResponse(artifact=artifact_message(manifest))
 
 
 def artifact_message(manifest: Manifest) -> artifacts_pb2.Artifact:
@@ -241,7 +234,8 @@ def _check_digest(digest: str) -> None:
     if not is_digest(digest):
         raise SpecError(
             f"malformed digest {digest[:80]!r}: expected 64 lowercase hex characters (a sha256), as returned "
-            "by Artifacts.Upload or in a job's Result.digest"
+            "by Artifacts.Upload or in a job's Result.digest",
+            field="digest",
         )
 
 

@@ -16,24 +16,24 @@ the stage, which also shares identical jobs in flight across callers.
 The caller's deadline and cancellation reach the stages: each downstream call gets the caller's remaining
 time as its timeout, and a termination callback on the caller's RPC cancels the outstanding downstream
 call; a stage job whose every caller has gone is cancelled after its grace period. A downstream error ends
-the stream with the same status code and the stage's message.
+the stream with the stage's status and details (the stage's address never
+appears in a message; an unreachable stage is UNAVAILABLE with reason STAGE_UNAVAILABLE).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from services.convert import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
+from services.errors import DeadlineExceeded, outcome_for, relayed
 from services.metrics import Metrics
-from services.status import grpc_status_for, outcome_label
 from services.store import ArtifactStore, is_digest
-from tokenflow.errors import SpecError
+from tokenflow.errors import Cancelled, SpecError
 from tokenflow.keys import canonical_json
 from tokenflow_pb.v1 import (
     common_pb2,
@@ -146,27 +146,17 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
     def Edit(  # noqa: N802 - gRPC method name
         self, request: editor_pb2.EditRequest, context: grpc.ServicerContext
     ) -> Iterator[editor_pb2.EditResponse]:
-        start = time.perf_counter()
         downstream = _DownstreamCall()
         context.add_callback(downstream.cancel)
-        outcome = "ok"
-        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             yield from self._edit(request, context, downstream)
-        except GeneratorExit:  # grpc dropped the stream: the caller is gone
-            outcome = "cancelled"
+        except Exception as e:  # mapped to a status by services.errors.ErrorInterceptor
+            outcome = outcome_for(e)
+            if outcome not in ("cancelled", "deadline_exceeded"):
+                log.info("edit of %s failed: %s: %s", request.video_digest[:12], outcome, e)
             raise
-        except Exception as e:  # mapped below, outside the try, so context.abort's exception propagates
-            failure = grpc_status_for(e)
-            outcome = outcome_label(failure[0])
         finally:
             downstream.cancel()
-            self.metrics.observe_request("editor", "Edit", outcome, time.perf_counter() - start)
-        if failure is not None:
-            code, message = failure
-            if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                log.info("edit of %s failed: %s: %s", request.video_digest[:12], code.name, message)
-            context.abort(code, message)
 
     def _edit(
         self,
@@ -182,7 +172,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         if request.HasField("inversion"):
             invert.inversion.CopyFrom(request.inversion)
         inversion: common_pb2.Result | None = None
-        for event in self._call(self._inversion.Invert, invert, context, downstream):
+        for event in self._call("inversion", self._inversion.Invert, invert, context, downstream):
             if event.WhichOneof("event") == "result":
                 inversion = event.result
             yield _tagged(-1, event)
@@ -206,7 +196,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
                 method = self._propagation.Propagate
                 stage_request = propagation_pb2.PropagateRequest(inversion_digest=inversion.digest, edit=edit)
             result: common_pb2.Result | None = None
-            for event in self._call(method, stage_request, context, downstream):
+            for event in self._call(_stage(request), method, stage_request, context, downstream):
                 if event.WhichOneof("event") == "result":
                     result = event.result
                 yield _tagged(first, event)
@@ -221,20 +211,28 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
 
     def _call(
         self,
+        stage: str,
         method: Any,
         request: Any,
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
     ) -> Iterator[Any]:
-        """Start a stage's streaming call with the caller's remaining time; yield its events."""
+        """Start a stage's streaming call with the caller's remaining time; yield its events.
+
+        A failed call raises the stage's status with its details (services.errors.relayed), never the
+        stage's address.
+        """
         if not context.is_active():
-            raise grpc_error(grpc.StatusCode.CANCELLED, "the caller cancelled the edit")
+            raise Cancelled("the caller cancelled the edit")
         remaining = _time_remaining(context)
         if remaining is not None and remaining <= 0:
-            raise grpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed")
+            raise DeadlineExceeded("the caller's deadline passed")
         call = method(request, timeout=remaining)
         downstream.start(call)
-        yield from call
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise relayed(e, stage) from None
 
 
 def _tagged(edit_index: int, event: Any) -> editor_pb2.EditResponse:
@@ -287,32 +285,14 @@ def _validate(request: editor_pb2.EditRequest) -> list[bytes]:
         try:
             keys.append(canonical_edit(edit))
         except SpecError as e:
-            raise SpecError(f"edits[{index}]: {e}") from None
+            path = f"edits[{index}]"
+            field = e.field.replace("edit.", path + ".", 1) if e.field else path
+            raise SpecError(f"{path}: {e}", field=field) from None
     return keys
 
 
 def _stage(request: editor_pb2.EditRequest) -> str:
     return "keyframes" if request.keyframes_only else "propagation"
-
-
-class _EditorRpcError(grpc.RpcError):
-    """A status the Editor decides itself, expressed like a downstream error so it maps the same way."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-def grpc_error(code: grpc.StatusCode, details: str) -> grpc.RpcError:
-    """An RpcError carrying `code` and `details` (passed through by services.status)."""
-    return _EditorRpcError(code, details)
 
 
 def add_to_server(server: grpc.Server, servicer: EditorServicer) -> None:

@@ -32,7 +32,7 @@ from services.stages import (
     model_meta,
 )
 from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest
-from tokenflow.errors import VideoError
+from tokenflow.errors import SpecError, VideoError
 from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
 from tokenflow.keys import inversion_key
 from tokenflow.models import Model
@@ -122,7 +122,12 @@ def compute_inversion(
 
 def check_timesteps(model: Model, spec: InversionSpec) -> None:
     """Refuse up front (before a queue slot is taken) step counts the model's schedule cannot line up."""
-    check_inversion_steps(model, spec.steps, spec.edit_steps)
+    try:
+        check_inversion_steps(model, spec.steps, spec.edit_steps)
+    except SpecError as e:
+        if e.field is not None:
+            raise
+        raise SpecError(str(e), field="inversion.steps") from None
 
 
 def _readable(exc: VideoError, digest: str, path: Path) -> VideoError:

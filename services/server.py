@@ -3,7 +3,7 @@
 ``--services all`` (the default) is the embedded single-process setup; ``--services inversion`` (etc.) is
 one stage per deployment. Either way the Editor reaches the stages through gRPC at configured addresses
 (its own address by default), so the same code runs both ways. Every server also serves the Artifacts
-service, ``grpc.health.v1`` (per service and overall ``""``) and server reflection.
+service, ``grpc.health.v1`` (per service and overall ``""``) and server reflection (v1 and v1alpha).
 
 Shutdown (SIGTERM/SIGINT, or `RunningServer.stop`): health turns NOT_SERVING and new jobs get
 UNAVAILABLE at once; running jobs get the shutdown grace to finish, then are cancelled (their callers get
@@ -27,15 +27,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services import artifacts
+from services import artifacts, reflection
 from services.config import (  # noqa: F401 - build_parser/config_from_args re-exported for callers
     ServerConfig,
     build_parser,
     config_from_args,
     parse_args,
 )
+from services.errors import ErrorInterceptor
 from services.grpc_metrics import PrometheusServerInterceptor
 from services.logging_setup import configure_logging
 from services.metrics import Metrics, MetricsServer
@@ -184,7 +184,8 @@ def build_server(
     executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc")
     server = grpc.server(
         executor,
-        interceptors=[PrometheusServerInterceptor(metrics)],
+        # Outermost first: grpc_server_* metrics see the status the error interceptor sets.
+        interceptors=[PrometheusServerInterceptor(metrics), ErrorInterceptor(metrics)],
         # Without this, Linux lets a second server bind the same port and silently share its traffic.
         options=[("grpc.so_reuseport", 0)],
     )
@@ -259,9 +260,7 @@ def build_server(
             running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         running.health.set("", health_pb2.HealthCheckResponse.SERVING)
         running.service_names = tuple(names)
-        reflection.enable_server_reflection(
-            (*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((*names, grpc_health.SERVICE_NAME), server)
         server.start()
     except BaseException:
         server.stop(grace=None)

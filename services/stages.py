@@ -11,7 +11,7 @@ Every stage RPC follows one order, so every stage behaves the same for callers:
 5. the caller streams the job's progress and then its result. A caller who leaves (deadline, cancel,
    dropped connection) only detaches: the job keeps running for the grace period, for a re-attach.
 
-Library exceptions are mapped to statuses by `services.status`.
+Servicers raise; services.errors.ErrorInterceptor maps exceptions to statuses for every RPC.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import grpc
 
 from services.convert import artifact_kind, enum_value, progress_message
+from services.errors import outcome_for
 from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
-from services.status import abort_with, outcome_for
 from services.store import ArtifactStore, Manifest, is_digest
 from tokenflow.errors import SpecError
 from tokenflow.progress import JobHooks
@@ -199,15 +199,6 @@ class JobProgress:
             self._last_frames[phase] = event.frames_done
 
 
-def _gone_outcome(context: grpc.ServicerContext) -> str:
-    """Why a caller left before the end: its deadline passed, or it cancelled / disconnected."""
-    try:
-        remaining = context.time_remaining()
-    except Exception:  # noqa: BLE001 - best effort only
-        remaining = None
-    return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the servicer base
 
@@ -270,38 +261,30 @@ class StageServicer:
     def stream(
         self, method: str, context: grpc.ServicerContext, plan: Callable[[], Plan]
     ) -> Iterator[Any]:
-        """Run the request flow of the module docstring, yielding `response_type` events."""
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            try:
-                p = plan()
-                stored = self.store.get(p.key, kind=self.kind)
-                if stored is not None:
-                    yield self.response_type(progress=self._cached_progress(p.key))
-                    yield self.response_type(result=self.result(stored.manifest, cache_hit=True))
-                    return
-                if self._draining.is_set():
-                    raise ShuttingDown(f"the {self.stage} service is shutting down; retry on another replica")
-                if self.jobs.get(p.key) is None:  # a running job already passed its pre-flight check
-                    p.precheck()
-                job = self.jobs.submit(p.key, p.run)
-                with job.subscribe(is_active=context.is_active) as sub:
-                    context.add_callback(sub.close)
-                    for event in sub:
-                        if isinstance(event, ResultEvent):
-                            out: JobOutput = event.result
-                            result = self.result(out.manifest, cache_hit=not out.computed)
-                            yield self.response_type(result=result)
-                        else:
-                            yield self.response_type(progress=progress_message(event.job_id, event.data))
-            except Exception as e:  # mapped to a status; the abort's own exception propagates
-                outcome = outcome_for(e)
-                abort_with(context, e)
-        finally:
-            if outcome == "ok" and not context.is_active():
-                outcome = _gone_outcome(context)
-            self.metrics.observe_request(self.stage, method, outcome, time.perf_counter() - started)
+        """Run the request flow of the module docstring, yielding `response_type` events.
+
+        Errors are raised; services.errors.ErrorInterceptor turns them into statuses and records the
+        request metrics (`method` names the RPC in logs only).
+        """
+        p = plan()
+        stored = self.store.get(p.key, kind=self.kind)
+        if stored is not None:
+            yield self.response_type(progress=self._cached_progress(p.key))
+            yield self.response_type(result=self.result(stored.manifest, cache_hit=True))
+            return
+        if self._draining.is_set():
+            raise ShuttingDown(f"the {self.stage} service is shutting down; retry on another replica")
+        if self.jobs.get(p.key) is None:  # a running job already passed its pre-flight check
+            p.precheck()
+        job = self.jobs.submit(p.key, p.run)
+        with job.subscribe(is_active=context.is_active) as sub:
+            context.add_callback(sub.close)
+            for event in sub:
+                if isinstance(event, ResultEvent):
+                    out: JobOutput = event.result
+                    yield self.response_type(result=self.result(out.manifest, cache_hit=not out.computed))
+                else:
+                    yield self.response_type(progress=progress_message(event.job_id, event.data))
 
     def _cached_progress(self, key: str) -> common_pb2.Progress:
         return common_pb2.Progress(
@@ -314,22 +297,14 @@ class StageServicer:
 
     def cancel(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The stages' Cancel RPC: stop a queued or running job for every attached caller."""
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            check_digest(request.job_id, "job_id", "use Progress.job_id or Result.job_id of the job")
-            cancelled = self.jobs.cancel(request.job_id, "cancelled by request (Cancel)")
-            message = (
-                f"{self.stage} job {request.job_id[:12]} cancelled"
-                if cancelled
-                else f"no queued or running {self.stage} job {request.job_id[:12]} (it may have finished)"
-            )
-            return self.cancel_response_type(cancelled=cancelled, message=message)
-        except Exception as e:
-            outcome = outcome_for(e)
-            abort_with(context, e)
-        finally:
-            self.metrics.observe_request(self.stage, "Cancel", outcome, time.perf_counter() - started)
+        check_digest(request.job_id, "job_id", "use Progress.job_id or Result.job_id of the job")
+        cancelled = self.jobs.cancel(request.job_id, "cancelled by request (Cancel)")
+        message = (
+            f"{self.stage} job {request.job_id[:12]} cancelled"
+            if cancelled
+            else f"no queued or running {self.stage} job {request.job_id[:12]} (it may have finished)"
+        )
+        return self.cancel_response_type(cancelled=cancelled, message=message)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 

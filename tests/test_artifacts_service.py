@@ -13,8 +13,12 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.artifacts import CHUNK_SIZE, SERVICE_NAME, ArtifactsServicer, add_to_server
+from services.errors import ErrorInterceptor
+from services.metrics import Metrics
 from services.store import ArtifactStore
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
 
@@ -28,7 +32,10 @@ class Server:
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
         self.servicer = ArtifactsServicer(store, max_upload_bytes=MAX_UPLOAD)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.metrics = Metrics()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(self.metrics)]
+        )
         add_to_server(self.server, self.servicer)
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -78,12 +85,34 @@ def download(
     return messages[0].header, messages[1:]
 
 
-def code_of(call: Any, *args: Any) -> tuple[grpc.StatusCode, str]:
+def error_of(call: Any, *args: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args)
         if not isinstance(result, artifacts_pb2.UploadResponse | artifacts_pb2.GetResponse):
             list(result)
-    return info.value.code(), info.value.details()
+    return info.value
+
+
+def code_of(call: Any, *args: Any) -> tuple[grpc.StatusCode, str]:
+    error = error_of(call, *args)
+    return error.code(), error.details()
+
+
+def error_info(
+    error: grpc.RpcError,
+) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo | None]:
+    """The ErrorInfo and RetryInfo (None when absent) of a failed call's google.rpc.Status."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None and status.code == error.code().value[0]
+    info, retry = error_details_pb2.ErrorInfo(), None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+    assert info.domain == "tokenflow.v1"
+    return info, retry
 
 
 def assert_still_serving(srv: Server) -> None:
@@ -132,8 +161,9 @@ def test_non_mp4_upload_is_stored_as_raw_source(srv: Server) -> None:
 
 def test_unknown_and_malformed_digests(srv: Server) -> None:
     unknown = hashlib.sha256(b"never uploaded").hexdigest()
-    code, details = code_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=unknown))
-    assert code is grpc.StatusCode.NOT_FOUND and "Artifacts.Upload" in details
+    error = error_of(srv.stub.Download, artifacts_pb2.DownloadRequest(digest=unknown))
+    assert error.code() is grpc.StatusCode.NOT_FOUND and "Artifacts.Upload" in error.details()
+    assert error_info(error)[0].reason == "ARTIFACT_NOT_FOUND"
     code, _ = code_of(srv.stub.Get, artifacts_pb2.GetRequest(digest=unknown))
     assert code is grpc.StatusCode.NOT_FOUND
     for bad in ["", "xyz", "../../etc/passwd", unknown.upper()]:
@@ -147,8 +177,11 @@ def test_unknown_and_malformed_digests(srv: Server) -> None:
 
 def test_too_large_upload_is_refused_and_nothing_published(srv: Server) -> None:
     data = os.urandom(MAX_UPLOAD + 1)
-    code, details = code_of(srv.stub.Upload, upload_requests(data, total_size=0))  # size not announced
-    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in details
+    error = error_of(srv.stub.Upload, upload_requests(data, total_size=0))  # size not announced
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in error.details()
+    info, retry = error_info(error)  # too large: told apart from a full queue by its details
+    assert info.reason == "INPUT_TOO_LARGE" and retry is None
+    assert dict(info.metadata) == {"limit_name": "max_upload_bytes", "limit": str(MAX_UPLOAD)}
     code, _ = code_of(srv.stub.Upload, upload_requests(b"x", total_size=MAX_UPLOAD + 1))  # announced
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not srv.store.contains(hashlib.sha256(data).hexdigest())
@@ -200,9 +233,30 @@ def test_internal_errors_do_not_leak(srv: Server, monkeypatch: pytest.MonkeyPatc
         raise RuntimeError("secret /srv/cache/path exploded")
 
     monkeypatch.setattr(srv.store, "stat", broken)
-    code, details = code_of(srv.stub.Get, artifacts_pb2.GetRequest(digest="0" * 64))
+    error = error_of(srv.stub.Get, artifacts_pb2.GetRequest(digest="0" * 64))
+    code, details = error.code(), error.details()
     assert code is grpc.StatusCode.INTERNAL and "secret" not in details and "internal error" in details
+    info, retry = error_info(error)
+    assert info.reason == "INTERNAL" and info.metadata["error_id"] in details and retry is None
     assert_still_serving(srv)
+
+
+def test_bytes_that_change_during_a_download_end_it_with_data_loss(srv: Server) -> None:
+    data = os.urandom(11 * MiB)
+    ref = srv.stub.Upload(upload_requests(data))
+    (blob,) = srv.store.directory.rglob("*.val")
+    stream = srv.stub.Download(artifacts_pb2.DownloadRequest(digest=ref.digest))
+    first = next(stream)
+    assert first.WhichOneof("payload") == "header"  # verified and started: now the bytes on disk change
+    with open(blob, "r+b") as f:
+        f.seek(len(data) - 100)
+        f.write(b"\0" * 100)
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() is grpc.StatusCode.DATA_LOSS and "discard" in info.value.details()
+    reason, retry = error_info(info.value)
+    assert reason.reason == "DATA_LOSS" and retry is not None
 
 
 def test_service_name() -> None:

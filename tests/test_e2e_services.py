@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from services.editor import EditorServicer, add_to_server, canonical_edit
+from services.errors import ErrorInterceptor
 from services.metrics import Metrics
 from tokenflow_pb.v1 import (
     common_pb2,
@@ -137,7 +138,9 @@ class ScriptedServer:
     def __init__(self) -> None:
         self.stages = FakeStages()
         self.metrics = Metrics()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16), interceptors=[ErrorInterceptor(self.metrics)]
+        )
         port = self.server.add_insecure_port("127.0.0.1:0")
         target = f"127.0.0.1:{port}"
         inversion_pb2_grpc.add_InversionServicer_to_server(self.stages, self.server)
@@ -269,8 +272,9 @@ def test_editor_cancels_the_stage_call_when_the_caller_leaves(scripted: Scripted
 
 
 def test_editor_reports_unreachable_stages_as_unavailable() -> None:
-    editor = EditorServicer("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", None, Metrics())  # type: ignore[arg-type]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    metrics = Metrics()
+    editor = EditorServicer("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", None, metrics)  # type: ignore[arg-type]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(metrics)])
     add_to_server(server, editor)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -278,7 +282,12 @@ def test_editor_reports_unreachable_stages_as_unavailable() -> None:
         with TokenFlowClient(f"127.0.0.1:{port}", timeout=10) as client:
             with pytest.raises(ClientError) as info:
                 client.edit(VIDEO, "a cat")
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        error = info.value
+        assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "STAGE_UNAVAILABLE"
+        assert error.retryable and error.metadata == {"stage": "inversion"}
+        # No internal address reaches the caller, only the stage's name.
+        assert "inversion stage" in error.message
+        assert "127.0.0.1" not in error.message and "ipv4" not in error.message
     finally:
         server.stop(grace=None)
         editor.close()
@@ -433,6 +442,9 @@ def test_single_process_edits_share_one_inversion(tmp_path: Path, clip: Path) ->
     try:
         assert server.metrics_port is not None
         with TokenFlowClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            deadline = time.monotonic() + 60  # NOT_SERVING until the model is loaded and warmed
+            while client.health() != "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert client.health() == "SERVING"
             run_edit_flow(client, clip, tmp_path, server.metrics_port, server.metrics_port)
     finally:

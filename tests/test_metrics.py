@@ -8,6 +8,7 @@ import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -322,3 +323,54 @@ def test_unknown_method_is_not_counted(served: tuple[Metrics, grpc.Channel]) -> 
         channel.unary_unary("/no.Such/Method")(b"", timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert value(metrics.registry, "grpc_server_started_total") == 0
+
+
+def test_request_metrics_cover_every_rpc_artifacts_included(tmp_path: Path) -> None:
+    """One interceptor records every RPC of our services: the standard grpc_server_* series and
+    tokenflow_requests_total, whatever the outcome, for Artifacts as for the stages."""
+    from services.config import ServerConfig
+    from services.server import build_server
+    from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
+
+    config = ServerConfig(
+        services=frozenset({"artifacts"}),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        cache_dir=tmp_path / "cache",
+        cache_size_bytes=64 << 20,
+        preload_model=False,
+    )
+    running = build_server(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        stub = artifacts_pb2_grpc.ArtifactsStub(channel)
+        header = artifacts_pb2.UploadHeader(
+            kind=common_pb2.ARTIFACT_KIND_VIDEO, filename="a.mp4", total_size=3
+        )
+        ref = stub.Upload(
+            iter([artifacts_pb2.UploadRequest(header=header), artifacts_pb2.UploadRequest(chunk=b"abc")]),
+            timeout=10,
+        )
+        assert stub.Get(artifacts_pb2.GetRequest(digest=ref.digest), timeout=10).artifact.digest == ref.digest
+        for digest in ("0" * 64, "bad"):
+            with pytest.raises(grpc.RpcError):
+                stub.Get(artifacts_pb2.GetRequest(digest=digest), timeout=10)
+        assert b"abc" == b"".join(
+            m.chunk for m in stub.Download(artifacts_pb2.DownloadRequest(digest=ref.digest), timeout=10)
+        )
+        r = running.metrics.registry
+        ours = {"service": "artifacts"}
+        wait_for(lambda: value(r, "tokenflow_requests_total", **ours) == 5)
+        assert value(r, "tokenflow_requests_total", **ours, method="Upload", outcome="ok") == 1
+        assert value(r, "tokenflow_requests_total", **ours, method="Get", outcome="ok") == 1
+        assert value(r, "tokenflow_requests_total", **ours, method="Get", outcome="not_found") == 1
+        assert value(r, "tokenflow_requests_total", **ours, method="Get", outcome="invalid_argument") == 1
+        assert value(r, "tokenflow_requests_total", **ours, method="Download", outcome="ok") == 1
+        assert value(r, "tokenflow_request_duration_seconds_count", **ours) == 5
+        standard = {"grpc_service": "tokenflow.v1.Artifacts", "grpc_method": "Get"}
+        assert value(r, "grpc_server_handled_total", **standard, grpc_code="NOT_FOUND") == 1
+        assert value(r, "grpc_server_handled_total", **standard, grpc_code="INVALID_ARGUMENT") == 1
+    finally:
+        channel.close()
+        running.stop(grace=0)

@@ -7,12 +7,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from services.config import STAGES, ServerConfig
 from services.model_host import ModelHost
@@ -72,6 +75,40 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+
+@dataclass
+class Details:
+    """The google.rpc.Status details of a failed call, decoded the way a caller decodes them."""
+
+    code: int
+    reason: str | None = None
+    domain: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_delay: float | None = None
+    fields: list[str] = field(default_factory=list)
+
+
+def details_of(error: grpc.RpcError) -> Details:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no status details in {error}"
+    assert status.code == error.code().value[0] and status.message == error.details()
+    out = Details(status.code)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.reason, out.domain, out.metadata = info.reason, info.domain, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.fields.extend(v.field for v in bad.field_violations)
+    assert out.domain == "tokenflow.v1"
+    return out
 
 
 def error_of(call: Callable[[], Any]) -> grpc.RpcError:
@@ -183,17 +220,23 @@ def test_malformed_digests_are_invalid_arguments(client: Client) -> None:
         ),
         lambda: client.propagation.Cancel(propagation_pb2.PropagationCancelRequest(job_id="123")),
     ]
+    fields = []
     for call in calls:
         error = error_of(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
         assert "64 lowercase hex" in error.details()
+        d = details_of(error)
+        assert d.reason == "INVALID_SPEC" and d.retry_delay is None
+        fields.extend(d.fields)
         assert client.status() == SERVING
+    assert fields == ["video_digest", "video_digest", "inversion_digest", "inversion_digest", "job_id"]
 
 
 def test_unknown_digests_are_not_found_with_what_to_do(client: Client) -> None:
     error = error_of(lambda: client.invert(UNKNOWN))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "Artifacts.Upload" in error.details()
+    assert details_of(error).reason == "ARTIFACT_NOT_FOUND"
     for call in (
         lambda: client.keyframes.EditKeyframes(
             keyframes_pb2.EditKeyframesRequest(
@@ -209,6 +252,7 @@ def test_unknown_digests_are_not_found_with_what_to_do(client: Client) -> None:
         error = error_of(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert "Inversion.Invert" in error.details()
+        assert details_of(error).reason == "ARTIFACT_NOT_FOUND"
     assert client.status() == SERVING
 
 
@@ -221,8 +265,10 @@ def test_a_digest_of_the_wrong_kind_is_an_invalid_argument(client: Client, inver
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'video'" in error.details()
+    assert details_of(error).reason == "WRONG_ARTIFACT_KIND"
     error = error_of(lambda: client.invert(inversion))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(error).reason == "WRONG_ARTIFACT_KIND"
 
 
 def test_bytes_that_are_not_a_video_are_rejected_and_nothing_is_stored(
@@ -232,6 +278,7 @@ def test_bytes_that_are_not_a_video_are_rejected_and_nothing_is_stored(
     error = error_of(lambda: client.invert(video))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "video" in error.details()
+    assert details_of(error).reason == "INVALID_VIDEO"
     key = inversion_key(
         video, DecodeSpec.sized((64, 64)), InversionSpec(steps=4, edit_steps=2), host.fingerprint
     )
@@ -256,6 +303,8 @@ def test_bad_inversion_specs_are_invalid_arguments(
     error = error_of(lambda: client.invert(video, spec))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inversion." in error.details()
+    d = details_of(error)
+    assert d.reason == "INVALID_SPEC" and d.fields and all(f.startswith("inversion.") for f in d.fields)
     assert client.status() == SERVING
 
 
@@ -270,6 +319,8 @@ def test_bad_decode_specs_are_invalid_arguments(client: Client, inverted: tuple[
         error = error_of(lambda r=request: client.inversion.Invert(r))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "decode." in error.details()
+        d = details_of(error)
+        assert d.reason == "INVALID_SPEC" and d.fields and d.fields[0].startswith("decode.")
 
 
 BAD_EDITS = {
@@ -305,6 +356,10 @@ def test_bad_edit_specs_are_invalid_arguments(
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "edit." in error.details() or "schedule" in error.details()
+    d = details_of(error)
+    assert d.reason == "INVALID_SPEC" and d.retry_delay is None
+    assert len(d.fields) == 1 and d.fields[0].startswith("edit."), d.fields
+    assert d.metadata["field"] == d.fields[0]
     # Refused before a job was queued.
     assert (
         server.metrics.registry.get_sample_value(
@@ -327,6 +382,7 @@ def test_a_keyframe_preview_of_a_method_without_keyframes_is_an_invalid_argument
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Propagation" in error.details()
+    assert details_of(error).fields == ["edit.method"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,6 +402,8 @@ def test_a_full_queue_is_resource_exhausted(
         error = error_of(lambda: c.invert(video, common_pb2.InversionSpec(steps=10, edit_steps=2)))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in error.details() and "retry" in error.details()
+        d = details_of(error)  # a retry can succeed: unlike INPUT_TOO_LARGE, it says when
+        assert d.reason == "QUEUE_FULL" and d.retry_delay is not None and d.retry_delay > 0
         assert c.status() == SERVING
         # The same request as the running job is not a new job: it attaches instead of being refused.
         thread2, out2 = background(lambda: c.invert(video, timeout=60))
@@ -367,6 +425,8 @@ def test_a_missing_model_is_a_failed_precondition(tmp_path: Path, clip: bytes) -
         error = error_of(lambda: c.invert(video))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "no-such-model" in error.details() and "--model" in error.details()
+        d = details_of(error)
+        assert d.reason == "MODEL_UNAVAILABLE" and d.retry_delay is None
         assert c.status() == SERVING
         assert c.status("tokenflow.v1.Inversion") == SERVING
     finally:
@@ -390,6 +450,8 @@ def test_shutdown_refuses_new_jobs_with_unavailable_and_lets_running_ones_finish
         error = error_of(lambda: c.invert(video, common_pb2.InversionSpec(steps=10, edit_steps=2)))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in error.details() and "another replica" in error.details()
+        d = details_of(error)
+        assert d.reason == "SHUTTING_DOWN" and d.retry_delay is not None
         held_model()  # the running job finishes within the grace period
         thread.join(30)
         assert out and out[-1].WhichOneof("event") == "result", out[-1:]
@@ -417,6 +479,68 @@ def test_shutdown_cancels_jobs_that_outlive_the_grace_with_unavailable(
         assert isinstance(out[-1], grpc.RpcError)
         assert out[-1].code() == grpc.StatusCode.UNAVAILABLE
         assert "retry" in out[-1].details()
+        assert details_of(out[-1]).reason == "SHUTTING_DOWN"
     finally:
         c.close()
+        running.stop(grace=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the error table and the Editor's relaying
+
+
+def test_every_error_class_is_declared_once() -> None:
+    import tokenflow.errors as library
+    from services.errors import ERRORS, error_class
+
+    reasons = [e.reason for e in ERRORS]
+    assert len(set(reasons)) == len(reasons)
+    assert len({e.exception for e in ERRORS}) == len(ERRORS)
+    classes = [
+        c
+        for c in vars(library).values()
+        if isinstance(c, type) and issubclass(c, library.TokenFlowError) and c is not library.TokenFlowError
+    ]
+    assert classes
+    for cls in classes:
+        entry = error_class(cls("x"))
+        assert entry is not None, f"{cls.__name__} has no status"
+    # Distinguishable without reading text: same code, different reason and retry advice.
+    full, large = (next(e for e in ERRORS if e.reason == r) for r in ("QUEUE_FULL", "INPUT_TOO_LARGE"))
+    assert full.code == large.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert full.retry_after is not None and large.retry_after is None
+
+
+def test_addresses_are_scrubbed_from_relayed_messages() -> None:
+    from services.errors import scrub_addresses
+
+    grpc_text = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50799: Connection refused"
+    )
+    out = scrub_addresses(grpc_text, "the inversion stage")
+    assert "127.0.0.1" not in out and "50799" not in out and "ipv4" not in out
+    assert "the inversion stage" in out
+    for address in ("ipv6:[::1]:50051", "[::1]:50051", "localhost:50051", "stage-1.tokenflow.svc:443"):
+        assert scrub_addresses(f"x {address} y", "S") == "x S y", address
+    plain = "edits[2]: edit.seed must be in [0, 2^63), at 12:30 use 1.5"
+    assert scrub_addresses(plain, "S") == plain
+
+
+def test_the_editor_relays_a_stages_status_with_its_details(tmp_path: Path, host: ModelHost) -> None:
+    from clients import ClientError, TokenFlowClient, decode_spec
+
+    running = start(tmp_path, host, services=frozenset({*STAGES, "editor"}))
+    try:
+        with TokenFlowClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+            with pytest.raises(ClientError) as info:  # the inversion stage answers NOT_FOUND
+                client.edit(UNKNOWN, "a cat", decode=decode_spec(size=(64, 64)))
+            assert info.value.code == grpc.StatusCode.NOT_FOUND and info.value.reason == "ARTIFACT_NOT_FOUND"
+            assert "Artifacts.Upload" in info.value.message
+            assert "127.0.0.1" not in info.value.message
+            with pytest.raises(ClientError) as info:  # the Editor's own check, with the edit's index
+                client.edit(UNKNOWN, ["a cat", "a dog", ""], decode=decode_spec(size=(64, 64)))
+            assert info.value.reason == "INVALID_SPEC"
+            assert info.value.field_violations[0][0] == "edits[2].prompt"
+            assert not info.value.retryable
+    finally:
         running.stop(grace=0)

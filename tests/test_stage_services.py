@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from clients import ClientError
 from services.config import STAGES, ServerConfig
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
@@ -338,6 +339,7 @@ def test_cancel_stops_a_running_job(
     caller.join()
     assert caller.error is not None and caller.error.code() == grpc.StatusCode.CANCELLED
     assert "cancel" in caller.error.details()
+    assert ClientError.from_rpc_error(caller.error).reason == "CANCELLED"
     wait_for(lambda: jobs.running == 0, what="the worker to be free")
     assert jobs.get(job_id) is None
     assert not client.inversion.Cancel(inversion_pb2.InversionCancelRequest(job_id=job_id)).cancelled
