@@ -246,3 +246,29 @@ def test_a_cache_of_the_old_layout_is_cleared(tmp_path: Path) -> None:
     s = ArtifactStore(directory, size_limit=10**7)  # reopening the new layout keeps it
     assert s.contains(key)
     s.close()
+
+
+def test_cull_removes_pin_files_of_crashed_holders(tmp_path: Path) -> None:
+    s = ArtifactStore(tmp_path / "c", size_limit=10**7)
+    key = fill(s, 1)[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\nfrom services.store import ArtifactStore\n"
+            "s = ArtifactStore(sys.argv[1], size_limit=10**7)\n"
+            "with s.pin(sys.argv[2]):\n    os._exit(0)\n",
+            str(s.directory),
+            key,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (s.directory / "_pins").iterdir()] == [f"{key}.pin"]
+    assert not s.is_pinned(key)  # the kernel dropped the dead holder's lock
+    s.cull()
+    assert list((s.directory / "_pins").iterdir()) == [] and s.contains(key)
+    s.close()

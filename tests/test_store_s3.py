@@ -304,3 +304,72 @@ def test_read_of_a_changed_upload_source_fails(s3_server: str, bucket: str) -> N
     with pytest.raises(CorruptArtifact):
         tier.put(m, lambda name: io.BytesIO(b"abd"))  # not the bytes the manifest names
     assert tier.stat(key) is None and not list(tier.scan_blobs())
+
+
+_WORKER = """
+import sys
+from services.store import ArtifactStore, artifact_key
+from services.store.s3 import S3Tier
+directory, who, bucket, endpoint = sys.argv[1:5]
+s = ArtifactStore(directory, size_limit=10**8, shared=S3Tier(bucket, "fleet/", endpoint))
+for i in range(15):
+    same = artifact_key("test", {"i": i})
+    s.put("test", same, {"a.bin": bytes([i]) * 5_000})
+    mine = artifact_key("test", {"i": i, "who": who})
+    s.put("test", mine, {"a.bin": who.encode() * 100})
+    for k, want in ((same, bytes([i]) * 5_000), (mine, who.encode() * 100)):
+        art = s.get(k)
+        assert art is not None and art.read("a.bin") == want, k
+print("ok")
+"""
+
+
+def test_two_processes_on_two_nodes_share_one_bucket(
+    tmp_path: Path, s3_server: str, bucket: str, s3: Any
+) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path / who), who, bucket, s3_server],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for who in ("p1", "p2")
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "ok", err
+    objs = objects(s3, bucket)
+    assert sum(1 for k in objs if k.startswith("fleet/manifests/")) == 15 + 2 * 15
+    assert sum(1 for k in objs if k.startswith("fleet/blobs/")) == 15 + 2  # one blob per distinct content
+    fresh = node(tmp_path, "fresh", s3_server, bucket)
+    for i in range(15):
+        art = fresh.get(artifact_key("test", {"i": i}), verify=True)
+        assert art is not None and art.read("a.bin") == bytes([i]) * 5_000
+    fresh.close()
+
+
+def test_serve_flags_build_a_store_with_the_s3_tier(tmp_path: Path, s3_server: str, bucket: str) -> None:
+    from services.server import build_parser, build_server, config_from_args
+
+    args = ["--services", "artifacts", "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1"]
+    args += ["--cache-dir", str(tmp_path / "c"), "--s3-bucket", bucket, "--s3-prefix", "fleet"]
+    args += ["--s3-endpoint-url", s3_server, "--shared-store-size", "1GB"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.s3_bucket, config.s3_prefix, config.shared_store_size) == (bucket, "fleet", 10**9)
+    running = build_server(config)
+    try:
+        store = running.store
+        assert isinstance(store.shared, S3Tier) and store.shared.size_limit == 10**9
+        assert store.tiers == {"local": str(tmp_path / "c"), "s3": f"s3://{bucket}/fleet/ at {s3_server}"}
+        store.put("video", key_of("served"), {"v.mp4": b"video"})
+    finally:
+        running.stop(grace=0)
+    other = node(tmp_path, "other", s3_server, bucket)
+    assert other.get(key_of("served")) is not None
+    other.close()
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(["--shared-store-size", "1GB"]))
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(["--shared-store", "/x", "--s3-bucket", "b"]))

@@ -469,11 +469,14 @@ class ArtifactStore:
         """Evict least-recently-used unpinned artifacts (other than `keep`), whole, until under the limit.
 
         If everything else is pinned the cache stays over its limit until the pins are released. Also
-        removes expired orphan blobs (from puts that died before publishing) and finishes deletes a
-        crashed process left. Returns the evicted keys. Safe to call any time from any process.
+        removes expired orphan blobs (from puts that died before publishing), finishes deletes a crashed
+        process left and removes pin files of crashed holders. Returns the evicted keys. Safe to call any
+        time from any process (puts run the cheap part of it: the size check and eviction).
         """
         self.local.expire_orphans(force=True)
-        return self._evict(keep)
+        evicted = self._evict(keep)
+        self.local.sweep_pin_files()
+        return evicted
 
     def _cull_after(self, key: str) -> None:
         self.local.expire_orphans(force=False)

@@ -68,6 +68,7 @@ from services.store.model import (
     Manifest,
     check_file_name,
     check_key,
+    is_digest,
 )
 from services.store.tier import Opener, clamp_page_size
 
@@ -502,6 +503,18 @@ class LocalTier:
                 return None
             raise
         return fd
+
+    def sweep_pin_files(self) -> int:
+        """Remove pin files nobody holds (left by a holder that crashed); how many."""
+        removed = 0
+        for path in self._pins_dir.glob("*.pin"):
+            if not is_digest(path.stem):
+                continue
+            fd = self.try_evict_lock(path.stem)
+            if fd is not None:
+                self.release_evict_lock(path.stem, fd)
+                removed += 1
+        return removed
 
     def release_evict_lock(self, key: str, fd: int) -> None:
         with contextlib.suppress(FileNotFoundError):
