@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import venv
 import zipfile
 from collections.abc import Iterator
@@ -152,6 +153,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     running.stop(grace=0)
 
 
+def _wait_serving(target: str, timeout: float = 180.0) -> None:
+    """Health is truthful: NOT_SERVING until the model is loaded and warmed. Wait for it (bounded)."""
+    from clients import ClientError, TokenFlowClient
+
+    deadline = time.monotonic() + timeout
+    status = ""
+    with TokenFlowClient(target) as client:
+        while time.monotonic() < deadline:
+            try:
+                status = client.health(timeout=5)
+            except ClientError as e:
+                status = str(e)
+            if status == "SERVING":
+                return
+            time.sleep(0.2)
+    pytest.fail(f"the server at {target} did not turn SERVING within {timeout:.0f} s (last: {status})")
+
+
 def test_client_installed_alone_has_no_ml_stack_and_checks_health(
     fresh_venv: Path, server: Any, tmp_path: Path
 ) -> None:
@@ -173,7 +192,9 @@ def test_client_installed_alone_has_no_ml_stack_and_checks_health(
     version = _run([script, "--version"], cwd=tmp_path)
     assert (version.returncode, version.stdout.strip()) == (0, f"tokenflow-client {clients.__version__}")
 
-    health = _run([script, "--target", f"127.0.0.1:{server.port}", "health"], cwd=tmp_path)
+    target = f"127.0.0.1:{server.port}"
+    _wait_serving(target)
+    health = _run([script, "--target", target, "health"], cwd=tmp_path)
     assert (health.returncode, health.stdout, health.stderr) == (0, "SERVING\n", "")
     unreachable = _run([script, "--target", "127.0.0.1:1", "--timeout", "3", "health"], cwd=tmp_path)
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr, unreachable.stderr
