@@ -474,6 +474,38 @@ class TokenFlowClient:
             request = artifacts_pb2.GetRequest(digest=digest)
             return self._artifacts.Get(request, timeout=self._timeout(timeout)).artifact
 
+    def list_artifacts(
+        self, kind: str | int, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> artifacts_pb2.ListResponse:
+        """One page of the stored artifacts of `kind` ("video", "inversion", ...), in digest order.
+
+        Pass the response's `next_page_token` for the next page ("" = this was the last one).
+        """
+        request = artifacts_pb2.ListRequest(
+            kind=enum_number(common_pb2.ArtifactKind, kind, "kind"),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        with _translate_errors():
+            return self._artifacts.List(request, timeout=self._timeout(timeout))
+
+    def iter_artifacts(
+        self, kind: str | int, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[artifacts_pb2.Artifact]:
+        """Every stored artifact of `kind`, page after page (`timeout` applies to each page)."""
+        token = ""
+        while True:
+            page = self.list_artifacts(kind, page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.artifacts
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete(self, digest: str, timeout: float | None = None) -> None:
+        """Delete an artifact; refused (FAILED_PRECONDITION, ARTIFACT_IN_USE) while a job uses it."""
+        with _translate_errors():
+            self._artifacts.Delete(artifacts_pb2.DeleteRequest(digest=digest), timeout=self._timeout(timeout))
+
     # -- Stages --------------------------------------------------------------------------------------------
 
     def invert(

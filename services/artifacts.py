@@ -1,4 +1,4 @@
-"""The Artifacts gRPC service: chunked upload of sources, chunked download and description of artifacts.
+"""The Artifacts gRPC service: chunked upload and download, description, listing and deletion of artifacts.
 
 Uploads stream to a temporary file inside the store's directory (same filesystem, so nothing large is
 held in memory and the store can copy it cheaply), are hashed on the way, and are published under the
@@ -55,7 +55,7 @@ def _file_info(name: str, entry: Any) -> common_pb2.FileInfo:
 
 
 class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
-    """Upload / Download / Stat over an `ArtifactStore`."""
+    """Upload / Download / Get / List / Delete over an `ArtifactStore` (errors: services.errors)."""
 
     def __init__(self, store: ArtifactStore, max_upload_bytes: int, metrics: Any = None) -> None:
         self.store = store
@@ -213,6 +213,41 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
         if manifest is None:
             raise ArtifactNotFound(_not_found_message(request.digest))
         return artifacts_pb2.GetResponse(artifact=artifact_message(manifest))
+
+    # -- List -----------------------------------------------------------------------------------------------
+
+    def List(  # noqa: N802 - gRPC method name
+        self, request: artifacts_pb2.ListRequest, context: grpc.ServicerContext
+    ) -> artifacts_pb2.ListResponse:
+        kind = kind_name(request.kind)
+        if kind is None:
+            raise SpecError(
+                "kind is required: list one kind at a time (ARTIFACT_KIND_VIDEO, ..._INVERSION, "
+                "..._KEYFRAMES or ..._PROPAGATION)",
+                field="kind",
+            )
+        try:
+            manifests, next_token = self.store.list(kind, request.page_size, request.page_token)
+        except SpecError as e:  # the store's paging checks name no field
+            if e.field is not None:
+                raise
+            field = "page_size" if "page_size" in str(e) else "page_token"
+            raise SpecError(str(e), field=field) from None
+        return artifacts_pb2.ListResponse(
+            artifacts=[artifact_message(m) for m in manifests], next_page_token=next_token
+        )
+
+    # -- Delete ---------------------------------------------------------------------------------------------
+
+    def Delete(  # noqa: N802 - gRPC method name
+        self, request: artifacts_pb2.DeleteRequest, context: grpc.ServicerContext
+    ) -> artifacts_pb2.DeleteResponse:
+        """Remove an artifact from every tier; refused (ArtifactInUse) while a running job pins it."""
+        _check_digest(request.digest)
+        if not self.store.delete(request.digest, if_unpinned=True):
+            raise ArtifactNotFound(f"no artifact {request.digest} on this server (nothing was deleted)")
+        log.info("deleted artifact %s", request.digest)
+        return artifacts_pb2.DeleteResponse()
 
 
 def artifact_message(manifest: Manifest) -> artifacts_pb2.Artifact:

@@ -85,10 +85,18 @@ def download(
     return messages[0].header, messages[1:]
 
 
+UNARY_RESPONSES = (
+    artifacts_pb2.UploadResponse,
+    artifacts_pb2.GetResponse,
+    artifacts_pb2.ListResponse,
+    artifacts_pb2.DeleteResponse,
+)
+
+
 def error_of(call: Any, *args: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args)
-        if not isinstance(result, artifacts_pb2.UploadResponse | artifacts_pb2.GetResponse):
+        if not isinstance(result, UNARY_RESPONSES):
             list(result)
     return info.value
 
@@ -257,6 +265,69 @@ def test_bytes_that_change_during_a_download_end_it_with_data_loss(srv: Server) 
     assert info.value.code() is grpc.StatusCode.DATA_LOSS and "discard" in info.value.details()
     reason, retry = error_info(info.value)
     assert reason.reason == "DATA_LOSS" and retry is not None
+
+
+def test_list_pages_through_one_kind(srv: Server) -> None:
+    digests = sorted(srv.stub.Upload(upload_requests(f"clip {i}".encode())).digest for i in range(5))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = srv.stub.List(artifacts_pb2.ListRequest(kind=VIDEO, page_size=2, page_token=token))
+        assert len(page.artifacts) <= 2 and all(a.kind == VIDEO for a in page.artifacts)
+        seen.extend(a.digest for a in page.artifacts)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == digests and pages == 3  # in digest order, each exactly once
+    (first,) = srv.stub.List(artifacts_pb2.ListRequest(kind=VIDEO, page_size=1)).artifacts
+    assert first.files[0].name == "source.mp4" and first.create_time.seconds > 0
+    everything = srv.stub.List(artifacts_pb2.ListRequest(kind=VIDEO))  # default page size
+    assert [a.digest for a in everything.artifacts] == digests and not everything.next_page_token
+    none = srv.stub.List(artifacts_pb2.ListRequest(kind=common_pb2.ARTIFACT_KIND_INVERSION))
+    assert not none.artifacts and not none.next_page_token
+
+
+def test_list_refuses_bad_requests_with_the_field(srv: Server) -> None:
+    video_page = srv.stub.List(artifacts_pb2.ListRequest(kind=VIDEO, page_size=1))
+    srv.stub.Upload(upload_requests(b"one"))
+    srv.stub.Upload(upload_requests(b"two"))
+    token = srv.stub.List(artifacts_pb2.ListRequest(kind=VIDEO, page_size=1)).next_page_token
+    assert token and not video_page.artifacts
+    bad = {
+        "kind": artifacts_pb2.ListRequest(),
+        "page_size": artifacts_pb2.ListRequest(kind=VIDEO, page_size=-1),
+        "page_token": artifacts_pb2.ListRequest(kind=common_pb2.ARTIFACT_KIND_INVERSION, page_token=token),
+    }
+    for field, request in bad.items():
+        error = error_of(srv.stub.List, request)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, field
+        info, _ = error_info(error)
+        assert info.reason == "INVALID_SPEC" and info.metadata["field"] == field
+    error = error_of(srv.stub.List, artifacts_pb2.ListRequest(kind=VIDEO, page_token="garbage"))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delete_removes_an_artifact_and_refuses_one_in_use(srv: Server) -> None:
+    data = os.urandom(1000)
+    ref = srv.stub.Upload(upload_requests(data))
+    with srv.store.pin(ref.digest):  # what a running job holds on its inputs
+        error = error_of(srv.stub.Delete, artifacts_pb2.DeleteRequest(digest=ref.digest))
+        assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and "in use" in error.details()
+        info, retry = error_info(error)
+        assert info.reason == "ARTIFACT_IN_USE" and retry is not None
+        assert srv.store.contains(ref.digest)
+    srv.stub.Delete(artifacts_pb2.DeleteRequest(digest=ref.digest))
+    assert not srv.store.contains(ref.digest)
+    code, _ = code_of(srv.stub.Get, artifacts_pb2.GetRequest(digest=ref.digest))
+    assert code is grpc.StatusCode.NOT_FOUND
+    error = error_of(srv.stub.Delete, artifacts_pb2.DeleteRequest(digest=ref.digest))  # already gone
+    assert error.code() is grpc.StatusCode.NOT_FOUND and error_info(error)[0].reason == "ARTIFACT_NOT_FOUND"
+    code, _ = code_of(srv.stub.Delete, artifacts_pb2.DeleteRequest(digest="nope"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    again = srv.stub.Upload(upload_requests(data))  # can be uploaded again
+    assert again.digest == ref.digest and not again.existed and srv.store.contains(ref.digest)
 
 
 def test_service_name() -> None:

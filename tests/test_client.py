@@ -300,6 +300,24 @@ def test_upload_and_download_bytes_with_progress(target: str, tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["blob"]  # no temporary file left
 
 
+def test_list_and_delete_through_the_client(target: str) -> None:
+    with TokenFlowClient(target, timeout=60) as client:
+        mine = {client.upload(f"listed {i}".encode()) for i in range(3)}
+        listed = [a.digest for a in client.iter_artifacts("video", page_size=2)]
+        assert mine <= set(listed) and listed == sorted(listed) and len(set(listed)) == len(listed)
+        page = client.list_artifacts("video", page_size=1)
+        assert len(page.artifacts) == 1 and page.next_page_token
+        gone = sorted(mine)[0]
+        client.delete(gone)
+        assert gone not in {a.digest for a in client.iter_artifacts("video")}
+        with pytest.raises(ClientError) as info:
+            client.delete(gone)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND and info.value.reason == "ARTIFACT_NOT_FOUND"
+        with pytest.raises(ClientError) as info:
+            client.list_artifacts("video", page_token="not a token")
+        assert info.value.field_violations[0][0] == "page_token" and not info.value.retryable
+
+
 def test_client_errors_carry_code_and_message(target: str, tmp_path: Path) -> None:
     with TokenFlowClient(target, timeout=30) as client:
         with pytest.raises(ClientError) as info:

@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -143,7 +145,7 @@ def check(channel: grpc.Channel, service: str) -> int:
 
 
 def test_health_is_serving_for_every_registered_service(server: RunningServer, channel: grpc.Channel) -> None:
-    assert set(server.service_names) == {"tokenflow.v1.Artifacts", *STAGE_SERVICES}
+    assert set(server.service_names) == {"tokenflow.v1.Artifacts", *STAGE_SERVICES, "tokenflow.v1.ServerInfo"}
     for name in ("", *server.service_names):
         assert check(channel, name) == SERVING, name
     with pytest.raises(grpc.RpcError) as info:
@@ -159,13 +161,49 @@ def test_reflection_lists_the_services(server: RunningServer, channel: grpc.Chan
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
     db = ProtoReflectionDescriptorDatabase(channel)
-    assert db.FindFileContainingSymbol("tokenflow.v1.Inversion").name.endswith("v1/inversion.proto")
+    assert db.FindFileContainingSymbol("tokenflow.v1.Inversion").name == "tokenflow/v1/inversion.proto"
+
+
+def _reflect_v1(channel: grpc.Channel, request: Any) -> Any:
+    """One request to grpc.reflection.v1 (the same messages as v1alpha under the v1 package name)."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (response,) = list(call(iter([request]), timeout=10))
+    return response
+
+
+def _file(data: bytes) -> descriptor_pb2.FileDescriptorProto:
+    return descriptor_pb2.FileDescriptorProto.FromString(data)
+
+
+def test_reflection_v1_is_served_too(server: RunningServer, channel: grpc.Channel) -> None:
+    listed = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    reflection_names = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    assert {*server.service_names, *reflection_names} <= names
+    found = _reflect_v1(
+        channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol="tokenflow.v1.Artifacts")
+    )
+    files = [_file(b) for b in found.file_descriptor_response.file_descriptor_proto]
+    artifacts = next(f for f in files if f.name == "tokenflow/v1/artifacts.proto")
+    assert [m.name for m in artifacts.service[0].method] == ["Upload", "Download", "Get", "List", "Delete"]
+    symbol = "grpc.reflection.v1.ServerReflection"
+    itself = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+    (own,) = [_file(b) for b in itself.file_descriptor_response.file_descriptor_proto]
+    assert own.package == "grpc.reflection.v1"
 
 
 def test_a_stage_process_serves_only_its_stage(tmp_path: Path, host: ModelHost) -> None:
     running = start(tmp_path, host, services=frozenset({"inversion"}), metrics_port=None)
     try:
-        assert running.service_names == ("tokenflow.v1.Artifacts", "tokenflow.v1.Inversion")
+        assert running.service_names == (
+            "tokenflow.v1.Artifacts",
+            "tokenflow.v1.Inversion",
+            "tokenflow.v1.ServerInfo",
+        )
         assert running.metrics_port is None
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             assert check(ch, "tokenflow.v1.Inversion") == SERVING

@@ -346,6 +346,28 @@ def test_cancel_stops_a_running_job(
     assert not server.store.contains(job_id)
 
 
+def test_delete_refuses_an_artifact_a_running_job_holds(
+    server: RunningServer, client: Client, clip: bytes, held_model: Any
+) -> None:
+    video = client.upload(clip, filename="held.mp4")
+    decode = common_pb2.DecodeSpec(width=64, height=64, max_frames=6)  # a key no other test computes
+    request = inversion_pb2.InvertRequest(video_digest=video, decode=decode, inversion=INVERSION)
+    caller = Streamer(lambda: client.inversion.Invert(request, timeout=120))
+    caller.job_id()
+    jobs = server.stages["inversion"].jobs
+    wait_for(lambda: jobs.running == 1, what="the job to run")  # it pins its video, then waits for the model
+    wait_for(lambda: server.store.is_pinned(video), what="the job to pin its video")
+    with pytest.raises(grpc.RpcError) as refused:
+        client.artifacts.Delete(artifacts_pb2.DeleteRequest(digest=video), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ClientError.from_rpc_error(refused.value).reason == "ARTIFACT_IN_USE"
+    held_model.release()
+    caller.join()
+    assert caller.error is None and result_of(caller.events).inversion.frames == 6
+    client.artifacts.Delete(artifacts_pb2.DeleteRequest(digest=video), timeout=10)  # no job holds it now
+    assert not server.store.contains(video)
+
+
 def test_a_caller_who_disconnects_and_asks_again_reattaches_to_the_same_job(
     server: RunningServer, client: Client, inverted: tuple[str, common_pb2.Result], held_model: Any
 ) -> None:

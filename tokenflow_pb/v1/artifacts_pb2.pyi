@@ -344,7 +344,7 @@ class ListRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     kind: _common_pb2.ArtifactKind.ValueType
-    """Only artifacts of this kind; ARTIFACT_KIND_UNSPECIFIED = every kind."""
+    """The kind to list (required)."""
     page_size: _builtins.int
     """Most artifacts to return (0 = the server's default of 100; at most 1000, larger values are
     coerced to 1000).
@@ -378,7 +378,7 @@ class ListResponse(_message.Message):
     """Token of the next page; "" when this is the last one."""
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
-        """The page of artifacts, newest first (ties by digest)."""
+        """The page of artifacts, in digest order."""
 
     def __init__(
         self,

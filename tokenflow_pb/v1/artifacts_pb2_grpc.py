@@ -97,8 +97,8 @@ class ArtifactsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """List the stored artifacts of one kind (or all), newest first, a page at a time (AIP-158).
-        Errors: INVALID_ARGUMENT (negative page size, a page token from another listing).
+        """List the stored artifacts of one kind, in digest order, a page at a time (AIP-158).
+        Errors: INVALID_ARGUMENT (no kind, negative page size, a page token from another listing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,8 +55,8 @@ class ArtifactsStub:
     Get: _grpc.UnaryUnaryMultiCallable[_artifacts_pb2.GetRequest, _artifacts_pb2.GetResponse]
     """Describe an artifact without transferring it. Errors: INVALID_ARGUMENT, NOT_FOUND."""
     List: _grpc.UnaryUnaryMultiCallable[_artifacts_pb2.ListRequest, _artifacts_pb2.ListResponse]
-    """List the stored artifacts of one kind (or all), newest first, a page at a time (AIP-158).
-    Errors: INVALID_ARGUMENT (negative page size, a page token from another listing).
+    """List the stored artifacts of one kind, in digest order, a page at a time (AIP-158).
+    Errors: INVALID_ARGUMENT (no kind, negative page size, a page token from another listing).
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_artifacts_pb2.DeleteRequest, _artifacts_pb2.DeleteResponse]
     """Delete an artifact from every tier of the store.
@@ -86,8 +86,8 @@ class ArtifactsAsyncStub(ArtifactsStub):
     Get: _aio.UnaryUnaryMultiCallable[_artifacts_pb2.GetRequest, _artifacts_pb2.GetResponse]  # type: ignore[assignment]
     """Describe an artifact without transferring it. Errors: INVALID_ARGUMENT, NOT_FOUND."""
     List: _aio.UnaryUnaryMultiCallable[_artifacts_pb2.ListRequest, _artifacts_pb2.ListResponse]  # type: ignore[assignment]
-    """List the stored artifacts of one kind (or all), newest first, a page at a time (AIP-158).
-    Errors: INVALID_ARGUMENT (negative page size, a page token from another listing).
+    """List the stored artifacts of one kind, in digest order, a page at a time (AIP-158).
+    Errors: INVALID_ARGUMENT (no kind, negative page size, a page token from another listing).
     """
     Delete: _aio.UnaryUnaryMultiCallable[_artifacts_pb2.DeleteRequest, _artifacts_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete an artifact from every tier of the store.
@@ -138,8 +138,8 @@ class ArtifactsServicer(metaclass=_abc_1.ABCMeta):
         request: _artifacts_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_artifacts_pb2.ListResponse, _abc.Awaitable[_artifacts_pb2.ListResponse]]:
-        """List the stored artifacts of one kind (or all), newest first, a page at a time (AIP-158).
-        Errors: INVALID_ARGUMENT (negative page size, a page token from another listing).
+        """List the stored artifacts of one kind, in digest order, a page at a time (AIP-158).
+        Errors: INVALID_ARGUMENT (no kind, negative page size, a page token from another listing).
         """
 
     @_abc_1.abstractmethod
