@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenflow.editing import EditResult, edit
 from tokenflow.encoding import iter_decoded
 from tokenflow.inversion import Inversion, invert
+from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow.models import TEST_MODEL_NOTICE, Model
 from tokenflow.progress import NO_HOOKS, JobHooks
 from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
@@ -20,14 +21,27 @@ from tokenflow.video import iter_frames, probe, write_video
 
 
 def invert_video(
-    model: Model, video: str | Path, decode: DecodeSpec, spec: InversionSpec, hooks: JobHooks = NO_HOOKS
+    model: Model,
+    video: str | Path,
+    decode: DecodeSpec,
+    spec: InversionSpec,
+    hooks: JobHooks = NO_HOOKS,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> Inversion:
-    """Decode (streaming), encode and invert a video file."""
+    """Decode (streaming), encode and invert a video file.
+
+    `limits` bound what decoding the (untrusted) video may cost; cancellation is checked on every
+    decoded frame.
+    """
     decode.validate()
     spec.validate()
-    info = probe(video)
+    info = probe(video, decode, limits)  # refuses a too-long selection before any work
     inversion = invert(
-        model, lambda: iter_frames(video, decode), spec, fps=info.fps / decode.stride, hooks=hooks
+        model,
+        lambda: iter_frames(video, decode, limits=limits, check_cancelled=hooks.check),
+        spec,
+        fps=info.fps / decode.stride,
+        hooks=hooks,
     )
     inversion.extra.update(
         {

@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 
 from tokenflow.errors import SpecError, TooLargeError, VideoError
-from tokenflow.specs import MAX_PIXELS, DecodeSpec
+from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
+from tokenflow.specs import DecodeSpec
 
 # Errors PyAV raises for unreadable input: its own FFmpegError tree (InvalidDataError, ...) and
 # plain OSErrors (missing file, directory, permissions).
@@ -36,6 +37,8 @@ _AAC_RATES = frozenset(
 )
 
 PathLike = str | os.PathLike[str]
+# A y4m header line is at most a few dozen bytes; this is plenty for the fields read from it.
+_Y4M_HEADER_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -63,53 +66,172 @@ class VideoInfo:
 # --------------------------------------------------------------------------- reading
 
 
-def _open_input(path: PathLike) -> av.container.InputContainer:
-    """Open for reading; a missing, empty or non-media file becomes a VideoError."""
+def _name(path: PathLike) -> str:
+    """The file's own name, never its directory: messages go to clients, and the path is internal."""
+    return repr(Path(os.fspath(path)).name)
+
+
+def _open_input(path: PathLike, limits: DecodeLimits = DEFAULT_LIMITS) -> av.container.InputContainer:
+    """Open for reading; a missing, empty or non-media file becomes a VideoError.
+
+    `max_pixels` reaches the decoders FFmpeg runs while probing the streams (find_stream_info), so
+    even the probe cannot allocate a picture larger than the limit.
+    """
+    _sniff_header(path, limits)
     try:
-        return av.open(os.fspath(path), "r")
+        return av.open(os.fspath(path), "r", options={"max_pixels": str(limits.max_pixels_per_frame)})
     except _AV_ERRORS as exc:
-        raise VideoError(f"cannot read {Path(path).name!r} as a video: {_reason(exc)}") from exc
+        raise VideoError(f"cannot read {_name(path)} as a video: {_reason(exc)}") from exc
+
+
+def _sniff_header(path: PathLike, limits: DecodeLimits) -> None:
+    """Refuse, from the plain-text header, a y4m whose picture size exceeds the limit.
+
+    FFmpeg's y4m demuxer fails on absurd sizes with an errno (EBUSY, "Device or resource busy") that
+    says nothing about the cause; reading the header first gives the caller the real reason.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_Y4M_HEADER_BYTES)
+    except OSError:
+        return  # av.open reports it (missing file, directory, permissions)
+    if not head.startswith(b"YUV4MPEG2"):
+        return
+    tokens = head.split(b"\n", 1)[0].split()[1:]
+    fields = {t[:1]: t[1:] for t in tokens if t}
+    try:
+        width, height = int(fields[b"W"]), int(fields[b"H"])
+    except (KeyError, ValueError):
+        raise VideoError(f"{_name(path)} is a y4m file without a valid W/H header") from None
+    if width <= 0 or height <= 0:
+        raise VideoError(f"{_name(path)} is a y4m file with an invalid size {width}x{height}")
+    _check_pixels(width, height, limits, path, "its y4m header says")
 
 
 @contextlib.contextmanager
-def _open(path: PathLike) -> Iterator[av.container.InputContainer]:
+def _open(path: PathLike, limits: DecodeLimits = DEFAULT_LIMITS) -> Iterator[av.container.InputContainer]:
     """Open for reading, turning every PyAV/OS failure (at open or while decoding) into VideoError."""
-    with _open_input(path) as container:
+    with _open_input(path, limits) as container:
         try:
             yield container
         except _AV_ERRORS as exc:
-            raise VideoError(f"cannot decode {Path(path).name!r}: {_reason(exc)}") from exc
+            raise VideoError(f"cannot decode {_name(path)}: {_reason(exc)}") from exc
 
 
 def _reason(exc: BaseException) -> str:
+    """The cause in words, without the path FFmpeg puts in its messages."""
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, IsADirectoryError):
         return "it is a directory"
-    text = getattr(exc, "strerror", None) or str(exc)
-    return text or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, av.error.InvalidDataError):
+        return "Invalid data (corrupt, or not a format FFmpeg can read)"
+    if isinstance(exc, av.error.EOFError):
+        return "the file ends too early (truncated?)"
+    text = getattr(exc, "strerror", None) or type(exc).__name__
+    return str(text)
 
 
-def _video_stream(container: av.container.InputContainer, path: PathLike) -> av.VideoStream:
+def _check_pixels(width: int, height: int, limits: DecodeLimits, path: PathLike, where: str) -> None:
+    """TooLargeError if a `width` x `height` picture exceeds `max_pixels_per_frame`."""
+    limit = limits.max_pixels_per_frame
+    if width * height > limit:
+        raise TooLargeError(
+            f"{_name(path)}: {where} {width}x{height} = {width * height} pixels; the limit is {limit} "
+            "pixels per frame (max_pixels_per_frame): downscale the video before uploading it",
+            limit_name="max_pixels_per_frame",
+            limit=limit,
+        )
+
+
+def _video_stream(
+    container: av.container.InputContainer, path: PathLike, limits: DecodeLimits = DEFAULT_LIMITS
+) -> av.VideoStream:
     if container.format.name == "tty":  # FFmpeg renders text files (.txt, .nfo, ...) as ANSI-art "video"
-        raise VideoError(f"{Path(path).name!r} is a text file, not a video")
+        raise VideoError(f"{_name(path)} is a text file, not a video")
     if not container.streams.video:
-        raise VideoError(f"{Path(path).name!r} has no video stream")
+        kinds = "an audio-only file" if container.streams.audio else "no video, or an empty one"
+        raise VideoError(f"{_name(path)} has no video stream ({kinds}): upload a video")
     stream = container.streams.video[0]
-    w, h = stream.codec_context.width, stream.codec_context.height
-    if w * h > MAX_PIXELS * 4:
-        raise TooLargeError(f"{Path(path).name!r} is {w}x{h}; the limit is {MAX_PIXELS * 4} pixels per frame")
-    stream.thread_type = "AUTO"  # frame + slice threads: decoding is often the bottleneck on CPU
+    context = stream.codec_context
+    if context is None:
+        raise VideoError(f"{_name(path)}: no decoder is available for its video codec")
+    _check_pixels(context.width, context.height, limits, path, "the stream header says")
+    # The decoder allocates each picture before we see it: FFmpeg refuses larger ones itself.
+    context.options = {**(context.options or {}), "max_pixels": str(limits.max_pixels_per_frame)}
+    # Frame + slice threads, but few: each frame thread holds its own decoder tables, sized by the
+    # stream's latest (possibly hostile) SPS before any picture is allocated.
+    stream.thread_type = "AUTO"
+    context.thread_count = limits.decoder_threads
     return stream
 
 
-def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+def _decoded(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    path: PathLike,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    check_cancelled: Callable[[], None] | None = None,
+) -> Iterator[av.VideoFrame]:
     """Frames in presentation order; the index in this sequence is the frame number.
 
     Counting decoded frames (rather than dividing pts by a nominal rate) is what makes
-    start/stride selection correct for variable-frame-rate clips.
+    start/stride selection correct for variable-frame-rate clips. Every decoded frame counts
+    against `max_decoded_frames` and has its size checked before anyone converts it, whatever the
+    header said; `check_cancelled` runs once per decoded frame (a frame costs far more than the
+    check), so a cancelled job stops decoding within one frame's time.
     """
-    yield from container.decode(stream)
+    frames = container.decode(stream)
+    index = 0
+    while True:
+        if check_cancelled is not None:
+            check_cancelled()
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except _AV_ERRORS as exc:
+            context = stream.codec_context  # FFmpeg keeps the size it refused to allocate
+            _check_pixels(context.width, context.height, limits, path, f"frame {index} is")
+            raise VideoError(f"cannot decode {_name(path)} at frame {index}: {_reason(exc)}") from exc
+        if index >= limits.max_decoded_frames:
+            raise TooLargeError(
+                f"{_name(path)} has more than {limits.max_decoded_frames} frames; the limit is "
+                f"{limits.max_decoded_frames} decoded frames per call (max_decoded_frames, counting frames "
+                "skipped by start/stride): select fewer with max_frames, or cut the video",
+                limit_name="max_decoded_frames",
+                limit=limits.max_decoded_frames,
+            )
+        _check_pixels(frame.width, frame.height, limits, path, f"frame {index} is")
+        # With frame threads, a refused picture is dropped silently, but the size the decoder switched
+        # to (for a frame still in flight) is already on the context.
+        context = stream.codec_context
+        _check_pixels(context.width, context.height, limits, path, f"frame {index + 1} is")
+        yield frame
+        index += 1
+
+
+def _check_selection(claimed: int, spec: DecodeSpec, limits: DecodeLimits, path: PathLike) -> None:
+    """Refuse before decoding when the container claims more frames than the selection may decode.
+
+    The frames a selection needs are start + (max_frames - 1) * stride + 1, or all of them without
+    max_frames; a long clip with a short selection is fine (decoding stops early). The claim may be
+    false either way: the count of decoded frames in `_decoded` is what enforces the limit.
+    """
+    limit = limits.max_decoded_frames
+    needed = claimed
+    if spec.max_frames is not None:
+        needed = min(claimed, spec.start + (spec.max_frames - 1) * spec.stride + 1)
+    if needed > limit:
+        raise TooLargeError(
+            f"{_name(path)} claims {claimed} frames and the selection (start={spec.start}, "
+            f"stride={spec.stride}, max_frames={spec.max_frames}) would decode {needed}; the limit is "
+            f"{limit} decoded frames per call (max_decoded_frames): set max_frames, or cut the video",
+            limit_name="max_decoded_frames",
+            limit=limit,
+        )
 
 
 def _rotation(frame: av.VideoFrame) -> int:
@@ -117,47 +239,65 @@ def _rotation(frame: av.VideoFrame) -> int:
 
     PyAV >= 14 reads the display matrix that FFmpeg attaches to every decoded frame (it is
     copied from the stream's coded side data, which is where mp4 'tkhd' matrices and the
-    legacy 'rotate' tag end up), so no stream-level parsing is needed.
+    legacy 'rotate' tag end up), so no stream-level parsing is needed. A degenerate matrix
+    (NaN angle) counts as upright.
     """
-    return (round(frame.rotation / 90) * 90) % 360
+    angle = frame.rotation
+    return (round(angle / 90) * 90) % 360 if math.isfinite(angle) else 0
 
 
 def _frame_rate(stream: av.VideoStream, path: PathLike) -> Fraction:
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-        if rate:
+        if rate and rate > 0:
             return Fraction(rate)
-    raise VideoError(f"{Path(path).name!r}: the frame rate is unknown")
+    raise VideoError(f"{_name(path)}: the frame rate is unknown")
 
 
 def _duration(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
     if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if container.duration:
-        return container.duration / av.time_base
-    return None
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / av.time_base
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
-def probe(path: PathLike) -> VideoInfo:
+def _claimed_frames(stream: av.VideoStream, duration: float | None, fps: Fraction | None) -> int:
+    """The container's frame count, else duration x fps; 0 when neither is known. Only a claim."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    if duration and fps:
+        estimate = duration * float(fps)
+        return int(min(estimate, 2.0**62)) if math.isfinite(estimate) else 0
+    return 0
+
+
+def probe(path: PathLike, spec: DecodeSpec | None = None, limits: DecodeLimits = DEFAULT_LIMITS) -> VideoInfo:
     """Describe a video cheaply: demux the header and decode one frame.
 
     The first frame is decoded because the display rotation lives in frame side data in
-    PyAV, and because a file that opens but cannot decode is not a usable video.
+    PyAV, and because a file that opens but cannot decode is not a usable video. With a
+    `spec`, a container that claims more frames than that selection may decode is refused
+    here (TooLargeError), before any job is queued.
     """
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        first = next(_decoded(container, stream), None)
+    with _open(path, limits) as container:
+        stream = _video_stream(container, path, limits)
+        first = next(_decoded(container, stream, path, limits), None)
         if first is None:
-            raise VideoError(f"{Path(path).name!r} has no decodable video frames")
+            raise VideoError(f"{_name(path)} has no decodable video frames (an empty or broken video stream)")
         rotation = _rotation(first)
         width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
         fps = _frame_rate(stream, path)
         duration = _duration(container, stream)
-        count = stream.frames or (round(duration * fps) if duration else 0)
+        count = _claimed_frames(stream, duration, fps)
+        if spec is not None:
+            _check_selection(count, spec.validate(), limits, path)
         return VideoInfo(
             width=width,
             height=height,
             fps=fps,
-            frame_count=int(count),
+            frame_count=count,
             duration=duration,
             rotation=rotation,
             has_audio=bool(container.streams.audio),
@@ -197,14 +337,26 @@ def fit_frame(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(resized[y0 : y0 + out_h, x0 : x0 + out_w])
 
 
-def _to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
-    image = frame.to_ndarray(format="rgb24")
+def _to_rgb(frame: av.VideoFrame, rotation: int, path: PathLike) -> np.ndarray:
+    try:
+        image = frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, ValueError) as exc:  # a pixel format swscale cannot convert
+        raise VideoError(
+            f"cannot convert {_name(path)} from pixel format {frame.format.name} to RGB: {_reason(exc)}"
+        ) from exc
     if rotation:
         image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))  # np.rot90 is counter-clockwise
     return image
 
 
-def iter_frames(path: PathLike, spec: DecodeSpec | None = None, native: bool = False) -> Iterator[np.ndarray]:
+def iter_frames(
+    path: PathLike,
+    spec: DecodeSpec | None = None,
+    native: bool = False,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    check_cancelled: Callable[[], None] | None = None,
+) -> Iterator[np.ndarray]:
     """Yield the selected frames as uint8 RGB (H, W, 3), upright and fitted to `output_size`.
 
     With `native=True` the frames keep their display size (spec.size/target_area are
@@ -213,42 +365,61 @@ def iter_frames(path: PathLike, spec: DecodeSpec | None = None, native: bool = F
     Frame i (0-based, presentation order) is taken when i >= start and (i - start) is a
     multiple of stride, up to max_frames; decoding stops as soon as enough frames are out.
     Skipped frames are decoded (codecs need their references) but never converted to RGB.
+    `limits` bound the pixels of every decoded frame and the frames decoded (TooLargeError);
+    `check_cancelled` (e.g. ``JobHooks.check``) runs on every decoded frame.
     """
     spec = (spec or DecodeSpec()).validate()
     produced = 0
-    with _open(path) as container:
-        stream = _video_stream(container, path)
+    with _open(path, limits) as container:
+        stream = _video_stream(container, path, limits)
+        fps = next((r for r in (stream.average_rate, stream.guessed_rate) if r and r > 0), None)
+        _check_selection(_claimed_frames(stream, _duration(container, stream), fps), spec, limits, path)
         size: tuple[int, int] | None = None
         rotation = 0
-        for index, frame in enumerate(_decoded(container, stream)):
+        for index, frame in enumerate(_decoded(container, stream, path, limits, check_cancelled)):
             if size is None:
                 rotation = _rotation(frame)
                 w, h = (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
                 size = (w, h) if native else output_size(w, h, spec)
             if index < spec.start or (index - spec.start) % spec.stride:
                 continue
-            yield fit_frame(_to_rgb(frame, rotation), size)
+            yield fit_frame(_to_rgb(frame, rotation, path), size)
             produced += 1
             if spec.max_frames is not None and produced >= spec.max_frames:
                 return
     if produced == 0:
         raise VideoError(
-            f"{Path(path).name!r} has no frames in the requested range "
+            f"{_name(path)} has no frames in the requested range "
             f"(start={spec.start}, stride={spec.stride}); is the video empty or shorter than that?"
         )
 
 
-def read_frames(path: PathLike, spec: DecodeSpec | None = None) -> tuple[np.ndarray, VideoInfo]:
+def read_frames(
+    path: PathLike,
+    spec: DecodeSpec | None = None,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    check_cancelled: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, VideoInfo]:
     """All selected frames as one (N, H, W, 3) uint8 array, with the source's VideoInfo."""
-    info = probe(path)
-    return np.stack(list(iter_frames(path, spec))), info
+    info = probe(path, spec, limits)
+    frames = iter_frames(path, spec, limits=limits, check_cancelled=check_cancelled)
+    return np.stack(list(frames)), info
 
 
-def count_frames(path: PathLike) -> int:
-    """Exact number of frames, by decoding (container counts are absent in mkv/webm and can lie)."""
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        return sum(1 for _ in _decoded(container, stream))
+def count_frames(
+    path: PathLike,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    check_cancelled: Callable[[], None] | None = None,
+) -> int:
+    """Exact number of frames, by decoding (container counts are absent in mkv/webm and can lie).
+
+    More than `limits.max_decoded_frames` frames is a TooLargeError, not a count.
+    """
+    with _open(path, limits) as container:
+        stream = _video_stream(container, path, limits)
+        return sum(1 for _ in _decoded(container, stream, path, limits, check_cancelled))
 
 
 # --------------------------------------------------------------------------- writing
