@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from clients.channels import make_channel, unary_methods_of
 from tokenflow_pb.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -39,6 +40,7 @@ from tokenflow_pb.v1 import (
     keyframes_pb2_grpc,
     propagation_pb2,
     propagation_pb2_grpc,
+    server_info_pb2,
 )
 
 __all__ = [
@@ -75,6 +77,15 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 STAGES = ("inversion", "keyframes", "propagation")
+_API_FILES = (
+    artifacts_pb2.DESCRIPTOR,
+    inversion_pb2.DESCRIPTOR,
+    keyframes_pb2.DESCRIPTOR,
+    propagation_pb2.DESCRIPTOR,
+    editor_pb2.DESCRIPTOR,
+    server_info_pb2.DESCRIPTOR,
+)
+_HEALTH_SERVICE = "grpc.health.v1.Health"
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -187,12 +198,12 @@ def enum_number(enum: Any, name: str | int, what: str = "") -> int:
 
 
 def kind_name(number: int) -> str:
-    """"video", "inversion", "keyframes" or "propagation" for an ArtifactKind value."""
+    """ "video", "inversion", "keyframes" or "propagation" for an ArtifactKind value."""
     return enum_name(common_pb2.ArtifactKind, number)
 
 
 def stage_name(number: int) -> str:
-    """"inversion", "keyframes" or "propagation" for a Stage value."""
+    """ "inversion", "keyframes" or "propagation" for a Stage value."""
     return enum_name(common_pb2.Stage, number)
 
 
@@ -314,10 +325,13 @@ class TokenFlowClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=list(options))
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=list(options))
+        # Round robin over every address of the target (a DNS name with many records, an ipv4:/ipv6: list
+        # or "host1:port,host2:port"), retries of UNAVAILABLE, bounded wait-for-ready: clients/channels.py.
+        # Health checks stay fail-fast (no wait-for-ready): a probe must report a server that is down.
+        services, unary = unary_methods_of(_API_FILES)
+        self.channel = make_channel(
+            target, options, [*services, _HEALTH_SERVICE], unary, credentials=credentials
+        )
         self._artifacts = artifacts_pb2_grpc.ArtifactsStub(self.channel)
         self._inversion = inversion_pb2_grpc.InversionStub(self.channel)
         self._keyframes = keyframes_pb2_grpc.KeyframesStub(self.channel)

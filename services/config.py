@@ -120,7 +120,16 @@ class ServerConfig:
     shutdown_grace_seconds: float | None = None
     """On SIGTERM, how long running jobs may finish before they are cancelled; None = job_grace_seconds."""
     preload_model: bool = True
-    """Load the model in the background at start-up so the first request does not pay for it."""
+    """Load (and warm) the model in the background at start-up; the stages report NOT_SERVING until it is
+    ready. False = load on the first request (health is SERVING at once: nothing else would trigger it)."""
+    max_connection_age_seconds: float | None = 300.0
+    """Servers send GOAWAY after this, so clients reconnect and re-resolve (new pods get traffic)."""
+    max_connection_age_grace_seconds: float = 1800.0
+    """After GOAWAY, calls in flight (stage jobs run for minutes) get this long before the connection ends."""
+    edit_parallelism: int | None = None
+    """Editor: distinct edits of one request run at once; None = one per propagation replica (1 embedded)."""
+    stage_wait_seconds: float = 30.0
+    """Editor: how long a stage call waits for a SERVING replica (wait-for-ready, bounded)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", parse_services(self.services))
@@ -149,6 +158,14 @@ class ServerConfig:
             raise ValueError(f"--job-grace-seconds must be >= 0, got {self.job_grace_seconds}")
         if self.shutdown_grace_seconds is not None and not self.shutdown_grace_seconds >= 0:
             raise ValueError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_seconds}")
+        if self.max_connection_age_seconds is not None and not self.max_connection_age_seconds > 0:
+            raise ValueError("--max-connection-age-seconds must be > 0 (0 on the command line = no limit)")
+        if not self.max_connection_age_grace_seconds >= 0:
+            raise ValueError("--max-connection-age-grace-seconds must be >= 0")
+        if self.edit_parallelism is not None and self.edit_parallelism < 1:
+            raise ValueError(f"--edit-parallelism must be >= 1 (0 = automatic), got {self.edit_parallelism}")
+        if not self.stage_wait_seconds > 0:
+            raise ValueError(f"--stage-wait-seconds must be > 0, got {self.stage_wait_seconds}")
         if self.max_upload_bytes <= 0:
             raise ValueError("--max-upload-bytes must be positive")
         if self.max_workers < 8:
@@ -252,6 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
     )
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=300.0,
+        help="send clients GOAWAY after this so they re-resolve and reach new pods; 0 = never (default 300)",
+    )
+    p.add_argument(
+        "--max-connection-age-grace-seconds",
+        type=float,
+        default=1800.0,
+        help="after GOAWAY, time calls in flight get before the connection closes (default 1800)",
+    )
+    p.add_argument(
+        "--edit-parallelism",
+        type=int,
+        default=0,
+        help="editor: distinct edits of a request run at once; 0 = one per propagation replica (default 0)",
+    )
+    p.add_argument(
+        "--stage-wait-seconds",
+        type=float,
+        default=30.0,
+        help="editor: how long a stage call waits for a serving replica before failing (default 30)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
         "--log-format",
@@ -325,4 +366,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_upload_bytes=parse_size(args.max_upload_bytes),
         max_workers=args.max_workers,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds or None,
+        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
+        edit_parallelism=args.edit_parallelism or None,
+        stage_wait_seconds=args.stage_wait_seconds,
     )

@@ -5,7 +5,9 @@ process -- so the same code runs embedded and split into separate deployments:
 
   1. Inversion.Invert once (its events are streamed to the caller with edit_index -1);
   2. for every distinct edit, Propagation.Propagate (or Keyframes.EditKeyframes when `keyframes_only`),
-     one after the other, streaming each stage event with the index of the edit it belongs to.
+     up to `edit_parallelism` of them at once on the stage's replicas (default: one per address the
+     stage's target resolves to; one when embedded), streaming each stage event with the index of the
+     edit it belongs to (events of different edits interleave; each edit's events stay in order).
 
 The whole request (decode and inversion settings, every edit) is validated first, with the stages' own
 proto -> spec conversion, so a bad prompt in the last edit fails at once rather than after the inversion.
@@ -18,19 +20,40 @@ time as its timeout, and a termination callback on the caller's RPC cancels the 
 call; a stage job whose every caller has gone is cancelled after its grace period. A downstream error ends
 the stream with the stage's status and details (the stage's address never
 appears in a message; an unreachable stage is UNAVAILABLE with reason STAGE_UNAVAILABLE).
+
+Failover. A stage job is idempotent: its id is the content address of its result, so asking another
+replica for it gives the same artifact (or re-attaches to the running job, or returns the stored result).
+The stage channels balance round robin over the replicas that report SERVING (services/channels.py), and
+a call waits for one at most `stage_wait_seconds`. The Editor re-submits a stage call when
+
+- the replica died or drains mid-job: UNAVAILABLE, or a stream that broke (a transport failure without
+  our status details, or a stream that ended without a result);
+- the replica's queue is full: RESOURCE_EXHAUSTED carrying RetryInfo (reason QUEUE_FULL). The details
+  decide, not the text: RESOURCE_EXHAUSTED without RetryInfo (INPUT_TOO_LARGE) is final.
+
+The first re-submissions go at once (round robin picks the next replica); once every replica was tried
+the Editor waits the server's RetryInfo delay (or a backoff) first. At most `FAILOVER_ATTEMPTS`
+re-submissions per stage call, and no waiting once `FAILOVER_SECONDS` have passed since its first failure;
+the caller's deadline bounds everything. Progress of a re-submitted job starts again from the new replica.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
+from services.channels import STAGE_CHANNEL_OPTIONS, backend_count, stage_channel
 from services.convert import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
-from services.errors import DeadlineExceeded, outcome_for, relayed
+from services.errors import DeadlineExceeded, StageUnavailable, outcome_for, relayed
 from services.metrics import Metrics
 from services.store import ArtifactStore, is_digest
 from tokenflow.errors import Cancelled, SpecError
@@ -55,16 +78,15 @@ MAX_EDITS = 64
 
 _NO_DEADLINE = 10 * 365 * 24 * 3600.0
 
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # Results and progress events are small; 16 MiB is generous without being unbounded.
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-    # Notice a dead stage during long, quiet jobs (e.g. while queued). Five minutes matches a gRPC
-    # server's default minimum accepted ping interval, so pings never earn a GOAWAY (too_many_pings).
-    ("grpc.keepalive_time_ms", 300_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 0),
-)
+CHANNEL_OPTIONS = STAGE_CHANNEL_OPTIONS
+"""The stage channels' base options (declared in services.channels)."""
+FAILOVER_ATTEMPTS = 4
+"""Re-submissions of one stage call to another replica, at most."""
+FAILOVER_SECONDS = 300.0
+"""After this long since a stage call first failed, a failure is final instead of waited out."""
+_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
+"""Waits before a re-submission once every replica was tried, when the server sent no RetryInfo."""
+_BACKENDS_TTL_SECONDS = 30.0
 
 
 def canonical_edit(edit: common_pb2.EditSpec) -> bytes:
@@ -78,29 +100,35 @@ def canonical_edit(edit: common_pb2.EditSpec) -> bytes:
 
 
 class _DownstreamCall:
-    """The one stage call an Edit is waiting on, cancellable from the caller's termination callback.
+    """The stage calls an Edit is waiting on (several with fan-out), cancellable from the caller's
+    termination callback.
 
-    Once `cancel` has run (the caller left, or the Edit finished), any call started later is cancelled
-    at once, so no stage job outlives the RPC that asked for it.
+    Once `cancel` has run (the caller left, the Edit failed or finished), any call started later is
+    cancelled at once, so no stage job outlives the RPC that asked for it; `closed` also interrupts a
+    failover's wait.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._call: grpc.Call | None = None
-        self._closed = False
+        self._calls: set[grpc.Call] = set()
+        self.closed = threading.Event()
 
     def start(self, call: grpc.Call) -> None:
         with self._lock:
-            self._call = call
-            closed = self._closed
+            self._calls.add(call)
+            closed = self.closed.is_set()
         if closed:
             call.cancel()
 
+    def finish(self, call: grpc.Call) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
     def cancel(self) -> None:
         with self._lock:
-            self._closed = True
-            call, self._call = self._call, None
-        if call is not None:
+            self.closed.set()
+            calls, self._calls = list(self._calls), set()
+        for call in calls:
             call.cancel()
 
 
@@ -114,6 +142,8 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         propagation_target: str,
         artifacts_store: ArtifactStore,
         metrics: Metrics,
+        edit_parallelism: int | None = None,
+        stage_wait_seconds: float = 30.0,
     ) -> None:
         for name, target in (
             ("inversion", inversion_target),
@@ -126,14 +156,46 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         # split deployment behaves exactly like the embedded one. Kept for symmetry with the stages.
         self.store = artifacts_store
         self.metrics = metrics
-        # One channel per distinct target: in the embedded mode all three stages share one connection.
-        self._channels: dict[str, grpc.Channel] = {}
-        for target in (inversion_target, keyframes_target, propagation_target):
-            if target not in self._channels:
-                self._channels[target] = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
-        self._inversion = inversion_pb2_grpc.InversionStub(self._channels[inversion_target])
-        self._keyframes = keyframes_pb2_grpc.KeyframesStub(self._channels[keyframes_target])
-        self._propagation = propagation_pb2_grpc.PropagationStub(self._channels[propagation_target])
+        self.stage_wait_seconds = stage_wait_seconds
+        self._edit_parallelism = edit_parallelism
+        self._targets = {
+            "inversion": inversion_target,
+            "keyframes": keyframes_target,
+            "propagation": propagation_target,
+        }
+        # One channel per stage, each checking its replicas' health for that stage's service name, so
+        # round robin only picks replicas that can run the stage now.
+        self._channels: dict[str, grpc.Channel] = {
+            "inversion": stage_channel(inversion_target, "tokenflow.v1.Inversion", inversion_pb2.DESCRIPTOR),
+            "keyframes": stage_channel(keyframes_target, "tokenflow.v1.Keyframes", keyframes_pb2.DESCRIPTOR),
+            "propagation": stage_channel(
+                propagation_target, "tokenflow.v1.Propagation", propagation_pb2.DESCRIPTOR
+            ),
+        }
+        self._inversion = inversion_pb2_grpc.InversionStub(self._channels["inversion"])
+        self._keyframes = keyframes_pb2_grpc.KeyframesStub(self._channels["keyframes"])
+        self._propagation = propagation_pb2_grpc.PropagationStub(self._channels["propagation"])
+        self._backends_lock = threading.Lock()
+        self._backends: dict[str, tuple[float, int]] = {}
+
+    @property
+    def edit_parallelism(self) -> int:
+        """Distinct edits of one request that run at once (propagation's replica count unless set)."""
+        if self._edit_parallelism is not None:
+            return self._edit_parallelism
+        return self.backends("propagation")
+
+    def backends(self, stage: str) -> int:
+        """How many replicas the stage's target names now (re-resolved every 30 s)."""
+        now = time.monotonic()
+        with self._backends_lock:
+            cached = self._backends.get(stage)
+        if cached is not None and now - cached[0] < _BACKENDS_TTL_SECONDS:
+            return cached[1]
+        count = backend_count(self._targets[stage])
+        with self._backends_lock:
+            self._backends[stage] = (now, count)
+        return count
 
     def close(self) -> None:
         """Close the channels to the stages (call on server shutdown)."""
@@ -183,31 +245,54 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         groups: dict[bytes, list[int]] = {}
         for index, key in enumerate(edit_keys):
             groups.setdefault(key, []).append(index)
+        runs = [
+            self._edit_run(request, inversion.digest, indices, context, downstream)
+            for indices in groups.values()
+        ]
+        parallelism = 1 if request.keyframes_only else self.edit_parallelism
+        if parallelism <= 1 or len(runs) <= 1:
+            for run in runs:
+                yield from run()
+        else:
+            yield from _interleaved(runs, min(parallelism, len(runs)), downstream)
 
-        for indices in groups.values():
-            first = indices[0]
-            edit = request.edits[first]
-            if request.keyframes_only:
-                method: Any = self._keyframes.EditKeyframes
-                stage_request: Any = keyframes_pb2.EditKeyframesRequest(
-                    inversion_digest=inversion.digest, edit=edit
-                )
-            else:
-                method = self._propagation.Propagate
-                stage_request = propagation_pb2.PropagateRequest(inversion_digest=inversion.digest, edit=edit)
+    def _edit_run(
+        self,
+        request: editor_pb2.EditRequest,
+        inversion_digest: str,
+        indices: list[int],
+        context: grpc.ServicerContext,
+        downstream: _DownstreamCall,
+    ) -> Callable[[], Iterator[editor_pb2.EditResponse]]:
+        """The events of one distinct edit (and the copies of its result for its duplicates), lazily."""
+        first = indices[0]
+        edit = request.edits[first]
+        stage = _stage(request)
+        if request.keyframes_only:
+            method: Any = self._keyframes.EditKeyframes
+            stage_request: Any = keyframes_pb2.EditKeyframesRequest(
+                inversion_digest=inversion_digest, edit=edit
+            )
+        else:
+            method = self._propagation.Propagate
+            stage_request = propagation_pb2.PropagateRequest(inversion_digest=inversion_digest, edit=edit)
+
+        def run() -> Iterator[editor_pb2.EditResponse]:
             result: common_pb2.Result | None = None
-            for event in self._call(_stage(request), method, stage_request, context, downstream):
+            for event in self._call(stage, method, stage_request, context, downstream):
                 if event.WhichOneof("event") == "result":
                     result = event.result
                 yield _tagged(first, event)
             if result is None:
-                raise RuntimeError(f"the {_stage(request)} stage ended its stream without a result")
+                raise RuntimeError(f"the {stage} stage ended its stream without a result")
             for duplicate in indices[1:]:
                 # Same edit as `first`: nothing more was computed for it.
                 copy = common_pb2.Result()
                 copy.CopyFrom(result)
                 copy.cache_hit = True
                 yield editor_pb2.EditResponse(edit_index=duplicate, result=copy)
+
+        return run
 
     def _call(
         self,
@@ -217,22 +302,151 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
     ) -> Iterator[Any]:
-        """Start a stage's streaming call with the caller's remaining time; yield its events.
+        """Run a stage's streaming call with the caller's remaining time, failing over (module docstring);
+        yield its events.
 
-        A failed call raises the stage's status with its details (services.errors.relayed), never the
+        A final failure raises the stage's status with its details (services.errors.relayed), never the
         stage's address.
         """
-        if not context.is_active():
-            raise Cancelled("the caller cancelled the edit")
-        remaining = _time_remaining(context)
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the caller's deadline passed")
-        call = method(request, timeout=remaining)
-        downstream.start(call)
+        failures = 0
+        first_failure: float | None = None
+        while True:
+            if not context.is_active() or downstream.closed.is_set():
+                raise Cancelled("the caller cancelled the edit")
+            remaining = _time_remaining(context)
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("the caller's deadline passed")
+            self._wait_for_replica(stage, remaining, downstream)
+            call = method(request, timeout=_time_remaining(context), wait_for_ready=True)
+            downstream.start(call)
+            got_result = False
+            error: grpc.RpcError | None = None
+            try:
+                for event in call:
+                    got_result = got_result or event.WhichOneof("event") == "result"
+                    yield event
+            except grpc.RpcError as e:
+                error = e
+            finally:
+                downstream.finish(call)
+            if got_result:
+                return
+            if not context.is_active() or downstream.closed.is_set():
+                raise Cancelled("the caller cancelled the edit")
+            reason, delay = _failover_reason(error)
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if reason is None or failures >= FAILOVER_ATTEMPTS or now - first_failure > FAILOVER_SECONDS:
+                if error is None:
+                    raise RuntimeError(f"the {stage} stage ended its stream without a result")
+                raise relayed(error, stage) from None
+            failures += 1
+            self.metrics.stage_failovers_total.labels(stage=stage, reason=reason).inc()
+            # The first re-submissions go to the next replicas at once; after a full round, wait.
+            wait = 0.0
+            if failures >= self.backends(stage):
+                wait = (
+                    delay if delay is not None else _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS)) - 1]
+                )
+            remaining = _time_remaining(context)
+            if remaining is not None:
+                wait = min(wait, max(0.0, remaining - 0.1))
+            log.warning(
+                "%s call failed (%s); re-submitting to another replica in %.1f s (attempt %d of %d)",
+                stage,
+                reason,
+                wait,
+                failures + 1,
+                FAILOVER_ATTEMPTS + 1,
+            )
+            if wait > 0 and downstream.closed.wait(wait):
+                raise Cancelled("the caller cancelled the edit")
+
+    def _wait_for_replica(self, stage: str, remaining: float | None, downstream: _DownstreamCall) -> None:
+        """Wait-for-ready, bounded: block until a replica of `stage` is SERVING, at most
+        `stage_wait_seconds` (and the caller's remaining time); StageUnavailable after that."""
+        bound = self.stage_wait_seconds if remaining is None else min(self.stage_wait_seconds, remaining)
+        ready = grpc.channel_ready_future(self._channels[stage])
         try:
-            yield from call
-        except grpc.RpcError as e:
-            raise relayed(e, stage) from None
+            ready.result(timeout=max(0.0, bound))
+        except grpc.FutureTimeoutError:
+            raise StageUnavailable(stage) from None
+        finally:
+            ready.cancel()
+
+
+def _failover_reason(error: grpc.RpcError | None) -> tuple[str | None, float | None]:
+    """(metrics reason, RetryInfo delay) when another replica may answer the call; (None, None) if not.
+
+    Decided by the status code and details only: UNAVAILABLE (replica gone or draining); a transport
+    failure without our status details (a stream that broke); RESOURCE_EXHAUSTED with RetryInfo (a full
+    queue); a stream that ended without a result (error None).
+    """
+    if error is None:
+        return "stream_ended", None
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    status = None
+    if isinstance(error, grpc.Call):
+        try:
+            status = rpc_status.from_call(error)
+        except ValueError:  # malformed details: treat as none
+            status = None
+    delay = _retry_delay(status)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "unavailable", delay
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None:
+        return "queue_full", delay
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and status is None:
+        return "stream_broken", None  # our servers always send details; this came from the transport
+    return None, None
+
+
+def _retry_delay(status: Any) -> float | None:
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def _interleaved(
+    runs: list[Callable[[], Iterator[Any]]], parallelism: int, downstream: _DownstreamCall
+) -> Iterator[Any]:
+    """Run each of `runs` in a thread, at most `parallelism` at once, yielding their events as they come.
+
+    The first failure ends the whole Edit: the other stage calls are cancelled and it is raised.
+    """
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    _done = object()
+
+    def work(run: Callable[[], Iterator[Any]]) -> None:
+        try:
+            if downstream.closed.is_set():
+                return
+            for event in run():
+                events.put(("event", event))
+        except BaseException as e:  # noqa: BLE001 - handed to the Edit's thread
+            events.put(("error", e))
+        finally:
+            events.put(("done", _done))
+
+    pool = futures.ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="edit")
+    try:
+        for run in runs:
+            pool.submit(work, run)
+        finished = 0
+        while finished < len(runs):
+            kind, item = events.get()
+            if kind == "event":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                finished += 1
+    finally:
+        downstream.cancel()  # a failure or a departed caller: stop the other edits' stage calls
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _tagged(edit_index: int, event: Any) -> editor_pb2.EditResponse:

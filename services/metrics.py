@@ -235,6 +235,29 @@ class Metrics:
             ["device", "kind"],
             registry=r,
         )
+        # Fleet: readiness and failover (services/server_info.py, services/editor.py).
+        self.model_ready = Gauge(
+            "tokenflow_model_ready",
+            "1 when the model is loaded and warmed (the stages can serve), else 0.",
+            registry=r,
+        )
+        self.model_load_failures_total = Counter(
+            "tokenflow_model_load_failures_total",
+            "Failed model loads (the reason is in the log and in ServerInfo).",
+            registry=r,
+        )
+        self.service_serving = Gauge(
+            "tokenflow_service_serving",
+            "1 while a hosted service reports SERVING on grpc.health.v1, else 0.",
+            ["service"],
+            registry=r,
+        )
+        self.stage_failovers_total = Counter(
+            "tokenflow_stage_failovers_total",
+            "Editor: stage calls re-submitted to another replica, by stage and reason.",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.process_memory = ProcessCollector(registry=r)
         self.platform = PlatformCollector(registry=r)
 

@@ -3,7 +3,9 @@
 ``--services all`` (the default) is the embedded single-process setup; ``--services inversion`` (etc.) is
 one stage per deployment. Either way the Editor reaches the stages through gRPC at configured addresses
 (its own address by default), so the same code runs both ways. Every server also serves the Artifacts
-service, ``grpc.health.v1`` (per service and overall ``""``) and server reflection (v1 and v1alpha).
+service, the ServerInfo service, ``grpc.health.v1`` (per service and overall ``""``, truthful: see
+services/server_info.py) and server reflection (v1 and v1alpha). Connections are aged out after
+``--max-connection-age-seconds`` (GOAWAY, then a grace), so clients re-resolve and new pods get traffic.
 
 Shutdown (SIGTERM/SIGINT, or `RunningServer.stop`): health turns NOT_SERVING and new jobs get
 UNAVAILABLE at once; running jobs get the shutdown grace to finish, then are cancelled (their callers get
@@ -26,9 +28,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from services import artifacts, reflection
+from services import artifacts, reflection, server_info
+from services.channels import server_options
 from services.config import (  # noqa: F401 - build_parser/config_from_args re-exported for callers
     ServerConfig,
     build_parser,
@@ -40,7 +43,7 @@ from services.grpc_metrics import PrometheusServerInterceptor
 from services.logging_setup import configure_logging
 from services.metrics import Metrics, MetricsServer
 from services.model_host import ModelHost
-from services.stages import StageServicer
+from services.servicer import StageServicer
 from services.store import ArtifactStore, make_shared_tier
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class RunningServer:
     stages: dict[str, StageServicer] = field(default_factory=dict)
     model_host: ModelHost | None = None
     editor: Any = None
+    readiness: server_info.Readiness | None = None
     metrics_server: MetricsServer | None = None
     owns_store: bool = False
     _executor: futures.ThreadPoolExecutor | None = None
@@ -109,7 +113,12 @@ class RunningServer:
         log.info("shutting down: running jobs get %.0f s to finish", grace)
         for stage in self.stages.values():
             stage.drain()  # before health changes, so a caller who sees NOT_SERVING also gets UNAVAILABLE
-        self.health.enter_graceful_shutdown()
+        if self.readiness is not None:
+            self.readiness.drain()
+        else:
+            self.health.enter_graceful_shutdown()
+        if self.model_host is not None:
+            self.model_host.close()  # no more background load retries
         threads = [
             threading.Thread(target=stage.shutdown, args=(grace,), name=f"{name}-shutdown", daemon=True)
             for name, stage in self.stages.items()
@@ -154,6 +163,26 @@ def _stage_classes() -> dict[str, tuple[type[StageServicer], Any]]:
     }
 
 
+def initialise_metrics(metrics: Metrics, service_names: Sequence[str], stages: Sequence[str]) -> None:
+    """Every label set this server can report, at zero from the start (see `Metrics.initialise`)."""
+    from google.protobuf import descriptor_pool
+
+    from tokenflow_pb.v1 import common_pb2
+
+    pool = descriptor_pool.Default()
+    rpcs = []
+    for name in service_names:
+        for m in pool.FindServiceByName(name).methods:
+            kind = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream"}
+            rpcs.append((kind.get((m.client_streaming, m.server_streaming), "bidi_stream"), name, m.name))
+    kinds = [
+        v.name.removeprefix("ARTIFACT_KIND_").lower()
+        for v in common_pb2.ArtifactKind.DESCRIPTOR.values
+        if v.number != 0
+    ]
+    metrics.initialise(rpcs=rpcs, stages=stages, kinds=kinds)
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -186,8 +215,11 @@ def build_server(
         executor,
         # Outermost first: grpc_server_* metrics see the status the error interceptor sets.
         interceptors=[PrometheusServerInterceptor(metrics), ErrorInterceptor(metrics)],
-        # Without this, Linux lets a second server bind the same port and silently share its traffic.
-        options=[("grpc.so_reuseport", 0)],
+        # so_reuseport 0: else Linux lets a second server bind the same port and silently share its traffic.
+        options=[
+            ("grpc.so_reuseport", 0),
+            *server_options(config.max_connection_age_seconds, config.max_connection_age_grace_seconds),
+        ],
     )
     stages: dict[str, StageServicer] = {}
     try:
@@ -251,15 +283,32 @@ def build_server(
                 propagation_target=config.propagation_addr or running.target,
                 artifacts_store=store,
                 metrics=metrics,
+                # Embedded (no propagation address): one process, one model, so one edit at a time.
+                edit_parallelism=config.edit_parallelism or (None if config.propagation_addr else 1),
+                stage_wait_seconds=config.stage_wait_seconds,
             )
             editor_module.add_to_server(server, running.editor)
             names.append(EDITOR_SERVICE_NAME)
 
+        running.readiness = server_info.Readiness(
+            running.health, metrics, model_host if stages else None, preload=config.preload_model
+        )
+        server_info.add_to_server(
+            server,
+            server_info.ServerInfoServicer(
+                config,
+                running.readiness,
+                model_host if stages else None,
+                store,
+                editor=running.editor,
+                max_edits=getattr(_import_editor(), "MAX_EDITS", 0) if running.editor is not None else 0,
+            ),
+        )
+        names.append(server_info.SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
-        for name in names:
-            running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        running.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        running.readiness.start(names)
         running.service_names = tuple(names)
+        initialise_metrics(metrics, names, config.stages)
         reflection.enable_server_reflection((*names, grpc_health.SERVICE_NAME), server)
         server.start()
     except BaseException:
@@ -285,8 +334,8 @@ def build_server(
                 "Pass --model /path/to/stable-diffusion-folder for real edits",
                 model_host.model_name,
             )
-        if config.preload_model:
-            threading.Thread(target=model_host.warm_up, name="model-warm-up", daemon=True).start()
+        if config.preload_model and stages:
+            model_host.load_in_background()  # the stages turn SERVING once it is loaded and warmed
     log.info("serving %s on %s", ", ".join(running.service_names), address)
     return running
 
