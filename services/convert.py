@@ -18,12 +18,14 @@ from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
+from services.store import is_digest
 from tokenflow.errors import SpecError
 from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec, spec_fields
 from tokenflow_pb.v1 import common_pb2
 
 __all__ = [
     "artifact_kind",
+    "check_digest",
     "decode_spec_from_proto",
     "duration",
     "edit_spec_from_proto",
@@ -38,6 +40,23 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=Message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# request fields
+
+
+def check_digest(value: str, what: str, hint: str) -> str:
+    """Reject a malformed content address with a message saying where a good one comes from."""
+    if not is_digest(value):
+        raise SpecError(
+            f"{what} {value[:80]!r} is not a digest: expected 64 lowercase hex characters; {hint}", field=what
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# enums
 
 
 def _descriptor(enum: EnumTypeWrapper | EnumDescriptor) -> EnumDescriptor:

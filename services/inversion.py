@@ -16,21 +16,13 @@ from typing import Any
 
 import grpc
 
-from services.convert import decode_spec_from_proto, inversion_spec_from_proto
+from services.convert import check_digest, decode_spec_from_proto, inversion_spec_from_proto
 from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
-from services.stages import (
-    JobOutput,
-    JobProgress,
-    Plan,
-    StageServicer,
-    already_stored,
-    check_digest,
-    common_warnings,
-    finite_or_none,
-    model_meta,
-)
+from services.progress import JobProgress
+from services.results import common_warnings, finite_or_none, model_meta
+from services.servicer import JobOutput, Plan, StageServicer, already_stored
 from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion

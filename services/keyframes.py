@@ -15,15 +15,9 @@ import numpy as np
 
 from services.jobs import JobContext
 from services.plan import InversionInput, plan_edit
-from services.stages import (
-    JobOutput,
-    JobProgress,
-    Plan,
-    StageServicer,
-    already_stored,
-    common_warnings,
-    model_meta,
-)
+from services.progress import JobProgress
+from services.results import common_warnings, model_meta
+from services.servicer import JobOutput, Plan, StageServicer, already_stored
 from services.store import Manifest
 from tokenflow.editing import edit_keyframes
 from tokenflow.errors import ModelError

@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.convert import edit_spec_from_proto
+from services.convert import check_digest, edit_spec_from_proto
 from services.inversion import find_inversion, load_inversion
 from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
-from services.stages import JobOutput, JobProgress, Plan, check_digest
+from services.progress import JobProgress
+from services.servicer import JobOutput, Plan
 from services.store import ArtifactStore
 from tokenflow import keys
 from tokenflow.errors import SpecError

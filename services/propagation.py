@@ -19,16 +19,9 @@ import grpc
 from services.inversion import video_path
 from services.jobs import JobContext
 from services.plan import InversionInput, plan_edit
-from services.stages import (
-    JobOutput,
-    JobProgress,
-    Plan,
-    StageServicer,
-    already_stored,
-    common_warnings,
-    finite_or_none,
-    model_meta,
-)
+from services.progress import JobProgress
+from services.results import common_warnings, finite_or_none, model_meta
+from services.servicer import JobOutput, Plan, StageServicer, already_stored
 from services.store import ArtifactNotFound, Manifest
 from tokenflow.pipeline import render_edit
 from tokenflow.specs import EditSpec

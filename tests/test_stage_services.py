@@ -226,7 +226,13 @@ def test_invert_streams_progress_then_a_result_and_caches_it(
     assert info.HasField("reconstruction_psnr_db")
     assert result.test_model and result.model == "tiny"
     assert any("test model" in w for w in result.warnings)
-    assert {f.name for f in result.files} == {"inversion.safetensors", "inversion.json"}
+    assert {f.name for f in result.files} == {
+        "inversion.json",
+        "latents_clean.safetensors",
+        "noisiest.safetensors",
+        "source_000.safetensors",
+        "source_001.safetensors",
+    }  # one tensor file per editing step
     assert sample(server, "tokenflow_inversions_total") == inversions + 1
 
     again = client.invert(video, common_pb2.InversionSpec(steps=4, edit_steps=2, batch_size=4))
@@ -305,7 +311,7 @@ def test_a_corrupt_inversion_is_rebuilt_not_served(
     _, inversion = inverted
     stored = server.store.get(inversion.digest)
     assert stored is not None
-    path = stored.path("inversion.safetensors")
+    path = stored.path("source_001.safetensors")
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # same size, different bytes: only the digest check can tell
     path.write_bytes(bytes(data))
@@ -318,8 +324,8 @@ def test_a_corrupt_inversion_is_rebuilt_not_served(
     assert sample(server, "tokenflow_inversions_total") == inversions + 1
     rebuilt = server.store.get(inversion.digest, verify=True)
     assert rebuilt is not None  # published again under the same content address
-    assert rebuilt.manifest.files["inversion.safetensors"].sha256 == next(
-        f.sha256 for f in inversion.files if f.name == "inversion.safetensors"
+    assert rebuilt.manifest.files["source_001.safetensors"].sha256 == next(
+        f.sha256 for f in inversion.files if f.name == "source_001.safetensors"
     )
 
 
@@ -347,11 +353,12 @@ def test_cancel_stops_a_running_job(
 
 
 def test_delete_refuses_an_artifact_a_running_job_holds(
-    server: RunningServer, client: Client, clip: bytes, held_model: Any
+    server: RunningServer, client: Client, tmp_path: Path, held_model: Any
 ) -> None:
-    video = client.upload(clip, filename="held.mp4")
-    decode = common_pb2.DecodeSpec(width=64, height=64, max_frames=6)  # a key no other test computes
-    request = inversion_pb2.InvertRequest(video_digest=video, decode=decode, inversion=INVERSION)
+    # A video of its own (other tests share the module's clip): deleting it must not affect them.
+    own = make_clip(tmp_path / "own.mp4", frames=6, size=(64, 64), fps=8).read_bytes()
+    video = client.upload(own, filename="own.mp4")
+    request = inversion_pb2.InvertRequest(video_digest=video, decode=DECODE, inversion=INVERSION)
     caller = Streamer(lambda: client.inversion.Invert(request, timeout=120))
     caller.job_id()
     jobs = server.stages["inversion"].jobs

@@ -1,4 +1,4 @@
-"""What the three stage servicers (Inversion, Keyframes, Propagation) share.
+"""The base of the three stage servicers (Inversion, Keyframes, Propagation): one request flow.
 
 Every stage RPC follows one order, so every stage behaves the same for callers:
 
@@ -16,73 +16,20 @@ Servicers raise; services.errors.ErrorInterceptor maps exceptions to statuses fo
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
 
-from services.convert import artifact_kind, enum_value, progress_message
+from services.convert import artifact_kind, check_digest, enum_value, progress_message
 from services.errors import outcome_for
 from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
-from services.store import ArtifactStore, Manifest, is_digest
-from tokenflow.errors import SpecError
-from tokenflow.progress import JobHooks
-from tokenflow.progress import ProgressEvent as LibraryProgress
+from services.store import ArtifactStore, Manifest
 from tokenflow_pb.v1 import common_pb2
-
-log = logging.getLogger(__name__)
-
-LOW_PSNR_DB = 25.0
-"""Below this reconstruction PSNR a clip inverts poorly and edits may not follow the source."""
-_STEP_PHASES = frozenset({"invert", "reconstruct", "edit", "keyframes"})
-"""Library phases whose steps are UNet (denoising or inversion) steps."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# request checks
-
-
-def check_digest(value: str, what: str, hint: str) -> str:
-    """Reject a malformed content address with a message saying where a good one comes from."""
-    if not is_digest(value):
-        raise SpecError(
-            f"{what} {value[:80]!r} is not a digest: expected 64 lowercase hex characters; {hint}", field=what
-        )
-    return value
-
-
-def model_meta(host: ModelHost) -> dict[str, Any]:
-    """The model part of every artifact's metadata (the Result reports it)."""
-    model = host.get()
-    return {"model": model.fingerprint, "model_name": model.name, "test_model": bool(model.is_test_model)}
-
-
-def common_warnings(meta: Mapping[str, Any], psnr_key: str) -> list[str]:
-    """Warnings every Result repeats: test model, poor inversion."""
-    out = []
-    if meta.get("test_model"):
-        out.append(
-            f"test model: made with {meta.get('model_name', 'a test model')!r}, random weights, "
-            "so the pictures are noise (serve a real Stable Diffusion folder with --model)"
-        )
-    psnr = meta.get(psnr_key)
-    if isinstance(psnr, (int, float)) and psnr < LOW_PSNR_DB:
-        out.append(
-            f"reconstruction PSNR is low ({psnr:.1f} dB < {LOW_PSNR_DB:g} dB): the clip inverts poorly and "
-            "the edit may not follow the source; try more inversion steps or a caption as inversion prompt"
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# jobs
 
 
 @dataclass(frozen=True)
@@ -104,11 +51,6 @@ def already_stored(store: ArtifactStore, key: str, kind: str) -> JobOutput | Non
     return JobOutput(stored.manifest, computed=False) if stored is not None else None
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """JSON metadata allows no NaN/inf (a perfect reconstruction has an infinite PSNR)."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
 @dataclass(frozen=True)
 class Plan:
     """A validated request: the key of its result, a pre-flight input check, and the job function."""
@@ -116,91 +58,6 @@ class Plan:
     key: str
     precheck: Callable[[], None]
     run: Callable[[JobContext], JobOutput]
-
-
-class JobProgress:
-    """One job's progress sink: library events -> proto-shaped dicts with an ETA, plus step/frame metrics.
-
-    `weights` gives each library phase its share of the whole job (e.g. invert 0.45, reconstruct 0.5), so
-    the ETA covers the phases still to come, not only the current one.
-    """
-
-    def __init__(self, ctx: JobContext, stage: str, metrics: Metrics, weights: Mapping[str, float]) -> None:
-        self._ctx = ctx
-        self._stage = stage
-        self._metrics = metrics
-        self._weights = dict(weights)
-        self._t0 = time.monotonic()
-        self._phase: str | None = None
-        self._done_weight = 0.0
-        self._last_step: dict[str, int] = {}
-        self._last_frames: dict[str, int] = {}
-
-    def hooks(self) -> JobHooks:
-        return JobHooks(progress=self, check_cancelled=self._ctx.check_cancelled)
-
-    def child(self, weights: Mapping[str, float]) -> JobProgress:
-        """A sink for a sub-task of the same job with its own phases (e.g. rebuilding an inversion)."""
-        return JobProgress(self._ctx, self._stage, self._metrics, weights)
-
-    def check_cancelled(self) -> None:
-        self._ctx.check_cancelled()
-
-    def start(self) -> None:
-        """The compute starts now (after any wait for the model): the ETA clock starts here."""
-        self._t0 = time.monotonic()
-        self._phase, self._done_weight = None, 0.0
-
-    def note(self, phase: str, message: str) -> None:
-        """A progress event with only a phase and a message (waiting, loading, writing)."""
-        self._ctx.report({"stage": self._stage, "phase": phase, "message": message})
-
-    def waiting(self) -> None:
-        self.note("waiting", "waiting for the model: another job is using it")
-
-    def frames_processed(self, n: int) -> None:
-        self._metrics.frames_processed_total.labels(stage=self._stage).inc(n)
-
-    def __call__(self, event: LibraryProgress) -> None:
-        phase = event.stage
-        if phase != self._phase:
-            if self._phase is not None:
-                self._done_weight += self._weights.get(self._phase, 0.0)
-            self._phase = phase
-        self._count(phase, event)
-        elapsed = time.monotonic() - self._t0
-        fraction = self._done_weight
-        if event.total:
-            fraction += self._weights.get(phase, 0.0) * min(1.0, event.step / event.total)
-        data: dict[str, Any] = {
-            "stage": self._stage,
-            "phase": phase,
-            "step": event.step,
-            "total_steps": event.total,
-            "frames_done": event.frames_done,
-            "frames_total": event.frames_total,
-            "elapsed_seconds": elapsed,
-            "message": event.message,
-        }
-        if 0.01 <= fraction < 1.0:
-            data["eta_seconds"] = elapsed * (1.0 - fraction) / fraction
-        self._ctx.report(data)
-
-    def _count(self, phase: str, event: LibraryProgress) -> None:
-        if phase in _STEP_PHASES:
-            delta = event.step - self._last_step.get(phase, 0)
-            if delta > 0:
-                self._metrics.denoising_steps_total.labels(stage=self._stage).inc(delta)
-            self._last_step[phase] = event.step
-        elif phase == "encode":  # frames decoded and VAE-encoded
-            delta = event.frames_done - self._last_frames.get(phase, 0)
-            if delta > 0:
-                self.frames_processed(delta)
-            self._last_frames[phase] = event.frames_done
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the servicer base
 
 
 class StageServicer:
