@@ -2,8 +2,9 @@
 
     tokenflow-client --target HOST:PORT [--timeout S] [-y] COMMAND ...
 
-Commands: edit, invert, keyframes, fetch, stat, health, cancel. Results are JSON on stdout; progress and
-errors go to stderr (one updating line on a terminal, plain lines at a modest rate anywhere else).
+Commands: edit, invert, keyframes, fetch, stat, list, delete, cancel, health. Results are JSON on stdout;
+progress and errors go to stderr (one updating line on a terminal, plain lines at a modest rate anywhere
+else).
 Exit codes: 0 success, 1 the server (or the connection) failed the request, 2 a problem on our side (bad
 arguments, unreadable input, an output that exists or cannot be written), 130 interrupted. `health` exits
 0 only when the server reports SERVING, which is what a container HEALTHCHECK needs.
@@ -316,11 +317,28 @@ def cmd_fetch(client: TokenFlowClient, a: argparse.Namespace, progress: Progress
 
 
 def cmd_stat(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
-    info = client.stat(a.digest)
-    summary = json_format.MessageToDict(info, preserving_proto_field_name=True)
-    summary["kind"] = kind_name(info.kind)
+    return _artifact_summary(client.stat(a.digest))
+
+
+def _artifact_summary(artifact: Any) -> dict[str, Any]:
+    summary = json_format.MessageToDict(artifact, preserving_proto_field_name=True)
+    summary["kind"] = kind_name(artifact.kind)
     summary["meta"] = json.loads(summary.pop("meta_json", "{}") or "{}")
     return summary
+
+
+def cmd_list(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    artifacts = []
+    for artifact in client.iter_artifacts(a.kind, page_size=a.page_size):
+        if a.limit and len(artifacts) >= a.limit:
+            break
+        artifacts.append(_artifact_summary(artifact))
+    return {"kind": a.kind, "artifacts": artifacts}
+
+
+def cmd_delete(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    client.delete(a.digest)
+    return {"deleted": a.digest}
 
 
 def cmd_cancel(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -388,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stat", help="describe an artifact")
     p.add_argument("digest", metavar="DIGEST")
     p.set_defaults(func=cmd_stat)
+
+    kinds = [kind_name(v.number) for v in common_pb2.ArtifactKind.DESCRIPTOR.values if v.number]
+    p = sub.add_parser("list", help="list the stored artifacts of one kind (JSON, in digest order)")
+    p.add_argument("kind", choices=kinds)
+    p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
+    p.add_argument("--page-size", type=int, default=0, help="artifacts per request (default: the server's)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("delete", help="delete an artifact (refused while a running job uses it)")
+    p.add_argument("digest", metavar="DIGEST")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("cancel", help="cancel a running or queued job")
     p.add_argument("stage", choices=STAGES)

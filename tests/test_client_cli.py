@@ -381,3 +381,30 @@ def test_fetch_refuses_to_overwrite_and_saves_with_normal_mode(
         assert saved.read_bytes() == clip.read_bytes()
     finally:
         os.umask(old_umask)
+
+
+def test_list_and_delete_an_uploaded_video(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from clients import TokenFlowClient
+
+    target = f"127.0.0.1:{server.port}"
+    with TokenFlowClient(target, timeout=60) as client:
+        digests = sorted(client.upload(bytes([i]) * 100, filename=f"v{i}.mp4") for i in range(3))
+    assert main(["--target", target, "list", "video", "--page-size", "1"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["kind"] == "video"
+    by_digest = {a["digest"]: a for a in listed["artifacts"]}
+    assert set(digests) <= set(by_digest) and all(by_digest[d]["kind"] == "video" for d in digests)
+    assert main(["--target", target, "list", "video", "--limit", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["artifacts"]) == 1
+
+    assert main(["--target", target, "delete", digests[0]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": digests[0]}
+    assert main(["--target", target, "stat", digests[0]]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["--target", target, "list", "video"]) == 0
+    remaining = {a["digest"] for a in json.loads(capsys.readouterr().out)["artifacts"]}
+    assert digests[0] not in remaining and set(digests[1:]) <= remaining
