@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -331,15 +332,15 @@ def build_parser(plugins: Iterable[str] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = plugin_commands()
-    parser = build_parser(plugins)
-    args, rest = parser.parse_known_args(argv)
-    if args.func is None:  # a command of another layer: it parses its own flags
-        forwarded = [*args.rest, *rest]
-        if args.verbose and "--log-level" not in forwarded:
+    global_flags = [a for a in itertools.takewhile(lambda a: a in ("-v", "--verbose"), argv)]
+    command = argv[len(global_flags)] if len(argv) > len(global_flags) else None
+    if command in plugins:  # a command of another layer: it parses its own flags
+        forwarded = argv[len(global_flags) + 1 :]
+        if global_flags and "--log-level" not in forwarded:
             forwarded = ["--log-level", "INFO", *forwarded]
-        return int(plugins[args.command].load()(forwarded) or 0)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(plugins[command].load()(forwarded) or 0)
+    parser = build_parser(plugins)
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
