@@ -429,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_note(e: ClientError) -> str:
+    """The status details a script or a person acts on: the stable reason and whether to retry."""
+    notes = [e.reason] if e.reason else []
+    if e.retry_delay is not None:
+        notes.append(f"retry in {e.retry_delay:g} s")
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -447,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = a.func(client, a, progress)
     except ClientError as e:
         progress.close()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_error_note(e)}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, OSError) as e:
         progress.close()
