@@ -405,7 +405,8 @@ def test_list_and_delete_an_uploaded_video(
     assert main(["--target", target, "delete", digests[0]]) == 0
     assert json.loads(capsys.readouterr().out) == {"deleted": digests[0]}
     assert main(["--target", target, "stat", digests[0]]) == 1
-    assert "NOT_FOUND" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: ") and err.rstrip().endswith("[ARTIFACT_NOT_FOUND]"), err
     assert main(["--target", target, "list", "video"]) == 0
     remaining = {a["digest"] for a in json.loads(capsys.readouterr().out)["artifacts"]}
     assert digests[0] not in remaining and set(digests[1:]) <= remaining
