@@ -119,10 +119,11 @@ def _check_spec_args(a: argparse.Namespace) -> None:
 class Outputs:
     """The files a command will write into one directory.
 
-    `prepare` (before any upload or RPC) makes sure the directory exists and takes files, and that none
-    of the planned names exists unless overwriting is allowed. `save` downloads into a hidden temporary
-    directory beside the destination and then publishes the file: with a hard link, which fails if the
-    name appeared meanwhile (so even a race cannot overwrite), or with a rename under `-y`.
+    `prepare` (before any upload or RPC) makes sure the directory exists (it is created when its parent
+    exists) and takes files, and that none of the planned names exists unless overwriting is allowed.
+    `save` downloads into a hidden temporary directory beside the destination and then publishes the
+    file: with a hard link, which fails if the name appeared meanwhile (so even a race cannot overwrite),
+    or with a rename under `-y`.
     """
 
     def __init__(self, directory: Path, overwrite: bool) -> None:
@@ -133,8 +134,11 @@ class Outputs:
         out = self.directory
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} exists and is not a directory")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not out.exists() and not parent.is_dir():  # like the library CLI: create one level, not a path
+            raise UsageError(f"cannot create the output directory {out}: {parent} does not exist")
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(exist_ok=True)
             with tempfile.TemporaryFile(dir=out, prefix=".tokenflow-client-probe-"):
                 pass
         except OSError as e:

@@ -189,6 +189,8 @@ def test_unusable_out_dir_fails_before_the_upload(capsys: pytest.CaptureFixture[
         assert str(out_dir) in err, err
     err = _usage_error(capsys, "keyframes", "b" * 64, "-p", "a cat", "--out-dir", str(a_file / "sub"))
     assert "output directory" in err, err
+    err = _usage_error(capsys, "edit", str(clip), "-p", "a", "--out-dir", str(tmp_path / "missing" / "out"))
+    assert "does not exist" in err and not (tmp_path / "missing").exists(), err
     err = _usage_error(capsys, "fetch", "c" * 64, "-o", str(tmp_path / "missing" / "x.mp4"))
     assert "does not exist" in err, err
 
