@@ -273,7 +273,9 @@ def test_editor_cancels_the_stage_call_when_the_caller_leaves(scripted: Scripted
 
 def test_editor_reports_unreachable_stages_as_unavailable() -> None:
     metrics = Metrics()
-    editor = EditorServicer("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", None, metrics)  # type: ignore[arg-type]
+    editor = EditorServicer(
+        "127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", None, metrics, stage_wait_seconds=1.0  # type: ignore[arg-type]
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(metrics)])
     add_to_server(server, editor)
     port = server.add_insecure_port("127.0.0.1:0")

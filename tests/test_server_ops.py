@@ -312,6 +312,10 @@ def test_tokenflow_serve_prints_its_address_and_stops_cleanly_on_sigterm(tmp_pat
         assert match, (line, process.stderr.read() if process.poll() is not None else "")
         port, metrics_port = int(match.group(1)), int(match.group(2))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            # Health is truthful: SERVING once the model is loaded and warmed (bounded wait).
+            deadline = time.monotonic() + 120
+            while check(ch, "") != SERVING and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert check(ch, "") == SERVING
             assert check(ch, "tokenflow.v1.Inversion") == SERVING
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
