@@ -227,3 +227,19 @@ def test_buf_lint_is_clean() -> None:
         buf = Path(found)
     proc = subprocess.run([str(buf), "lint", "proto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_client_names_enum_values_as_the_services_do() -> None:
+    """The client keeps its own copy of the naming rule (it cannot import services/): they agree."""
+    from clients.client import enum_name as client_name
+    from clients.client import enum_number
+    from services.convert import enum_name, enum_value
+    from tokenflow_pb.v1 import common_pb2
+
+    for enum in common_pb2.DESCRIPTOR.enum_types_by_name.values():
+        wrapper = getattr(common_pb2, enum.name)
+        for value in enum.values:
+            name = enum_name(enum, value.number)
+            assert client_name(wrapper, value.number) == (name or "")
+            if name is not None:
+                assert enum_number(wrapper, name) == enum_value(enum, name) == value.number
