@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from tokenflow.errors import ModelError
+from tokenflow.threads import release_openmp_team
 
 if TYPE_CHECKING:  # torch is imported only when a model is actually loaded
     from tokenflow.models import Model
@@ -110,6 +111,8 @@ class ModelHost:
                 except ModelError as e:
                     self._set_state(FAILED, str(e))
                     raise
+                finally:  # the loading thread may be a long-lived gRPC handler: park no OpenMP team there
+                    release_openmp_team()
                 self._model = model
                 self._set_state(READY)
             return self._model

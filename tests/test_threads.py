@@ -60,3 +60,29 @@ def test_a_thread_releases_its_team_and_computes_again_afterwards() -> None:
     assert seen["released"] is True and seen["released_twice"] is True
     assert seen["gone"] is True, "the released team's threads outlived the release"
     assert torch.equal(seen["first"], expected) and torch.equal(seen["again"], expected)  # type: ignore[arg-type]
+
+
+@needs_libgomp
+def test_loading_the_model_leaves_no_team_on_the_loading_thread() -> None:
+    """Without preload, a long-lived gRPC handler thread may be the one that loads (services.model_host)."""
+    from services.model_host import ModelHost
+
+    def load() -> None:
+        ModelHost("tiny", device="cpu", dtype="float32").get()
+
+    first = threading.Thread(target=load)  # starts the process-wide pools (tokenizers' rayon ...) once
+    first.start()
+    first.join()
+    seen: dict[str, object] = {}
+
+    def body() -> None:
+        before = native_threads()
+        load()
+        left = native_threads() - before
+        seen["left"] = left
+        seen["gone"] = gone_soon(left)  # checked while this thread lives: its exit would free a team too
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["gone"] is True, f"threads started while loading outlived it: {seen['left']}"
