@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from clients import __version__
@@ -41,7 +42,7 @@ from clients.flags import (
     section_values,
 )
 from clients.progress import Progress
-from tokenflow_pb.v1 import common_pb2
+from tokenflow_pb.v1 import common_pb2, server_info_pb2, server_info_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 HEALTH_TIMEOUT = 5.0
@@ -350,6 +351,18 @@ def cmd_cancel(client: TokenFlowClient, a: argparse.Namespace, progress: Progres
     return {"cancelled": response.cancelled, "message": response.message}
 
 
+def cmd_info(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """ServerInfo: version, services and readiness (with the reason), model, limits, store tiers."""
+    stub = server_info_pb2_grpc.ServerInfoStub(client.channel)
+    try:
+        response = stub.GetServerInfo(server_info_pb2.GetServerInfoRequest(), timeout=a.timeout or 30)
+    except grpc.RpcError as e:
+        raise ClientError.from_rpc_error(e) from None
+    return json_format.MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 def _add_overwrite(p: argparse.ArgumentParser, top: bool) -> None:
     # On the top level and on each writing command, so `-y` works in either place (like ffmpeg's).
     # The commands' default is SUPPRESS, so they never reset a top-level -y.
@@ -426,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("job_id", metavar="JOB_ID")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser(
+        "info", help="describe the server: version, readiness and why not, model, limits, store"
+    )
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("health", help="print the server's health; exit 0 only when SERVING")
     p.add_argument("--service", default="", help="service name, e.g. tokenflow.v1.Editor (default: server)")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.config import build_parser, env_name
 from services.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -23,22 +24,12 @@ GPU_STAGES = ("inversion", "keyframes", "propagation")
 STAGES = (*GPU_STAGES, "editor")
 GRPC_PORT = 50051
 METRICS_PORT = 9090
-#: The flags of `tokenflow serve`; a typo in a manifest would only show up at deploy time.
-SERVER_FLAGS = {
-    "--services",
-    "--port",
-    "--metrics-port",
-    "--cache-dir",
-    "--cache-size",
-    "--shared-store",
-    "--model",
-    "--device",
-    "--inversion-addr",
-    "--keyframes-addr",
-    "--propagation-addr",
-    "--max-queue",
-    "--shutdown-grace-seconds",
+#: The flags of `tokenflow serve` (from its parser); a typo in a manifest would only show up at deploy time.
+SERVER_FLAGS = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {
+    "--help"
 }
+#: Kinds of the operators the manifests use (KEDA, Prometheus Operator): no schema offline, checked here.
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
 #: Series Prometheus makes itself for every target.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
@@ -109,6 +100,25 @@ def containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from deployment["spec"]["template"]["spec"]["containers"]
 
 
+@functools.cache
+def config_data() -> dict[str, str]:
+    """The generated ConfigMap's data (kustomize configMapGenerator from an env file)."""
+    (generator,) = kustomization()["configMapGenerator"]
+    data: dict[str, str] = {}
+    for name in generator["envs"]:
+        for line in (K8S / name).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                data[key.strip()] = value.strip()
+    return data
+
+
+def configmap_names() -> set[str]:
+    return {g["name"] for g in kustomization().get("configMapGenerator", [])} | {
+        o["metadata"]["name"] for o in of_kind("ConfigMap")
+    }
+
+
 def deployment(name: str) -> dict[str, Any]:
     (found,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == name]
     return found
@@ -123,12 +133,25 @@ def test_kustomization_lists_exactly_the_manifests() -> None:
     assert on_disk == set(listed), f"not listed in kustomization: {on_disk - set(listed)}"
     assert kustomization()["namespace"] == "tokenflow"
     kinds = {o["kind"] for o in k8s_objects()}
-    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"} <= kinds
+    assert {"Namespace", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+    assert {"NetworkPolicy", *CRD_KINDS} <= kinds
+    assert not of_kind("ConfigMap"), "ConfigMaps come from configMapGenerator (a content hash in the name)"
 
 
 def test_one_deployment_and_service_per_stage() -> None:
     assert sorted(d["metadata"]["name"] for d in of_kind("Deployment")) == sorted(STAGES)
-    assert sorted(s["metadata"]["name"] for s in of_kind("Service")) == sorted(STAGES)
+    assert sorted(s["metadata"]["name"] for s in of_kind("Service")) == sorted([*STAGES, "editor-pods"])
+
+
+def component(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def test_stage_services_are_headless_for_client_side_balancing() -> None:
+    """A ClusterIP pins one HTTP/2 connection to one pod; headless DNS lists every ready pod."""
+    for svc in of_kind("Service"):
+        if component(svc) in GPU_STAGES or svc["metadata"]["name"] == "editor-pods":
+            assert svc["spec"].get("clusterIP") == "None", svc["metadata"]["name"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -173,7 +196,7 @@ def test_volumes_and_config_refs_exist(stage: str) -> None:
     spec = deployment(stage)["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     claims = {o["metadata"]["name"]: o for o in of_kind("PersistentVolumeClaim")}
-    configmaps = {o["metadata"]["name"] for o in of_kind("ConfigMap")}
+    configmaps = configmap_names()
     for v in volumes.values():
         if "persistentVolumeClaim" in v:
             assert v["persistentVolumeClaim"]["claimName"] in claims
@@ -202,7 +225,7 @@ def test_cache_size_fits_its_emptydir() -> None:
         assert m, text
         return float(m.group(1)) * units[m.group(2)]
 
-    config = of_kind("ConfigMap")[0]["data"]
+    config = config_data()
     for stage in STAGES:
         spec = deployment(stage)["spec"]["template"]["spec"]
         (c,) = containers(deployment(stage))
@@ -213,7 +236,11 @@ def test_cache_size_fits_its_emptydir() -> None:
 
 
 def test_args_only_reference_configmap_keys() -> None:
-    config = of_kind("ConfigMap")[0]["data"]
+    config = config_data()
+    # Every TOKENFLOW_* variable sets a `tokenflow serve` flag (the config reads them): no typos.
+    flag_vars = {env_name(f) for f in SERVER_FLAGS}
+    for key in config:
+        assert not key.startswith("TOKENFLOW_") or key in flag_vars, key
     for dep in of_kind("Deployment"):
         for c in containers(dep):
             for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
@@ -229,11 +256,12 @@ def test_services_select_their_deployments() -> None:
             for d in of_kind("Deployment")
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
-        assert [d["metadata"]["name"] for d in matching] == [name], f"service {name} selects {matching}"
+        assert [d["metadata"]["name"] for d in matching] == [component(svc)], f"{name} selects {matching}"
         port_names = {p["name"] for c in containers(matching[0]) for p in c["ports"]}
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in port_names
-        assert {p["port"] for p in svc["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+        expected = {GRPC_PORT} if name == "editor-pods" else {GRPC_PORT, METRICS_PORT}
+        assert {p["port"] for p in svc["spec"]["ports"]} == expected
 
 
 def test_editor_points_at_stage_services() -> None:
@@ -252,14 +280,135 @@ def test_kustomize_builds() -> None:
     out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert len(rendered) == len(k8s_objects())
+    assert len(rendered) == len(k8s_objects()) + 1  # + the generated ConfigMap
     assert all(d["metadata"].get("namespace") == "tokenflow" for d in rendered if d["kind"] != "Namespace")
+    (configmap,) = [d for d in rendered if d["kind"] == "ConfigMap"]
+    name = configmap["metadata"]["name"]
+    assert re.fullmatch(r"tokenflow-config-[a-z0-9]{10}", name), name  # the content hash
+    assert configmap["data"] == config_data()
+    for dep in (d for d in rendered if d["kind"] == "Deployment"):
+        refs = {r["configMapRef"]["name"] for c in containers(dep) for r in c.get("envFrom", [])}
+        assert refs == {name}, dep["metadata"]["name"]
+        (c,) = containers(dep)
+        assert c["image"] == f"tokenflow-service:{kustomization()['images'][0]['newTag']}"
 
 
 def test_manifests_match_kubernetes_schemas() -> None:
     kv = pytest.importorskip("kubernetes_validate")
     for obj in k8s_objects():
-        kv.validate(obj, "1.30.0", strict=True)
+        if obj["kind"] not in CRD_KINDS:  # operators' kinds: structure checked below
+            kv.validate(obj, "1.30.0", strict=True)
+
+
+# --- fleet: rollouts, disruptions, autoscaling, monitoring, network policy ------------------
+
+
+def test_images_are_pinned() -> None:
+    (image,) = kustomization()["images"]
+    tag = str(image.get("newTag", ""))
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag) or image.get("digest", "").startswith("sha256:"), image
+    for dep in of_kind("Deployment"):
+        for c in containers(dep):
+            name, _, pinned = c["image"].partition(":")
+            assert name == image["name"] and pinned == tag, c["image"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_rollouts_never_lower_capacity(stage: str) -> None:
+    strategy = deployment(stage)["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+
+
+def test_every_component_has_a_disruption_budget() -> None:
+    budgets = {component(p): p for p in of_kind("PodDisruptionBudget")}
+    assert set(budgets) == set(STAGES)
+    for name, pdb in budgets.items():
+        labels = deployment(name)["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        replicas = deployment(name)["spec"].get("replicas", 1)
+        if "minAvailable" in pdb["spec"]:
+            assert pdb["spec"]["minAvailable"] < replicas, "a budget the pods can never meet blocks drains"
+        else:
+            assert pdb["spec"]["maxUnavailable"] >= 1
+
+
+def test_gpu_stages_scale_on_their_queue_metric() -> None:
+    exported = exported_sample_names(Metrics())
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in of_kind("ScaledObject")}
+    assert set(scaled) == set(GPU_STAGES)
+    for stage, obj in scaled.items():
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        ref = obj["spec"]["scaleTargetRef"]
+        assert ref["kind"] == "Deployment" and deployment(stage)
+        assert 1 <= obj["spec"]["minReplicaCount"] < obj["spec"]["maxReplicaCount"]
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        meta = trigger["metadata"]
+        assert meta["serverAddress"].startswith("http") and float(meta["threshold"]) > 0
+        names = promql_metric_names(meta["query"])
+        assert "tokenflow_jobs_queued" in names and names <= exported, names
+        assert f'stage="{stage}"' in meta["query"]
+
+
+@functools.cache
+def prometheus_rule() -> dict[str, Any]:
+    (rule,) = of_kind("PrometheusRule")
+    return rule
+
+
+def test_prometheus_rule_carries_the_alerts_and_the_service_monitor_their_labels() -> None:
+    (monitor,) = of_kind("ServiceMonitor")
+    rule = prometheus_rule()
+    assert rule["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
+    groups = {g["name"]: g for g in rule["spec"]["groups"]}
+    for group in load(DEPLOY / "prometheus/rules.yml")["groups"]:
+        assert groups[group["name"]] == group, "the PrometheusRule must carry rules.yml unchanged"
+    # The scrape gives every series the labels the alerts select and print: job and component.
+    services = [s for s in of_kind("Service") if "metrics" in {p["name"] for p in s["spec"]["ports"]}]
+    assert {component(s) for s in services} == set(STAGES)
+    for svc in services:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert svc["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "tokenflow"  # up{job="tokenflow"}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    target_labels = {"job", "namespace", "pod", "instance"} | {
+        r["targetLabel"] for r in endpoint["relabelings"]
+    }
+    exported = exported_sample_names(Metrics())
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            assert promql_metric_names(alert["expr"]) - PROMETHEUS_SYNTHETIC <= exported, alert["alert"]
+            used = set(re.findall(r"\$labels\.(\w+)", json.dumps(alert["annotations"])))
+            kept = set(re.findall(r"\bby \(([^)]*)\)", alert["expr"]))
+            by = {label.strip() for group_by in kept for label in group_by.split(",")}
+            assert used <= (by if by else target_labels), f"{alert['alert']} prints labels it drops: {used}"
+    assert "TokenFlowModelNotReady" in {a["alert"] for g in rule["spec"]["groups"] for a in g["rules"]}
+
+
+def test_only_the_editor_reaches_the_stages_and_only_monitoring_the_metrics() -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind("NetworkPolicy")}
+    stages = policies["stages"]
+    selected = {v for e in stages["podSelector"]["matchExpressions"] if e["key"].endswith("component")
+                for v in e["values"]}  # fmt: skip
+    assert selected == set(GPU_STAGES) and stages["policyTypes"] == ["Ingress"]
+    by_port = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in stages["ingress"]}
+    assert by_port[("grpc",)] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "tokenflow",
+                    "app.kubernetes.io/component": "editor",
+                }
+            }
+        }
+    ]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert by_port[("metrics",)] == monitoring
+    editor = policies["editor"]
+    assert editor["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "editor"
+    rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in editor["ingress"]}
+    assert rules == {("grpc",): None, ("metrics",): monitoring}
 
 
 # --- Compose -------------------------------------------------------------------------------

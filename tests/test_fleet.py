@@ -1,0 +1,465 @@
+"""The stages as a fleet, over real processes on loopback.
+
+Two inversion replicas (`python -m services.server`, on 127.0.0.1 and 127.0.0.2, each with its own
+local cache and one shared volume tier) sit behind one target, ``ipv4:127.0.0.1:P1,127.0.0.2:P2``. An
+Editor (in this process, hosting keyframes and propagation too) reaches them through that target. The
+tests check what an operator relies on: calls are spread over both replicas, a full queue and a replica
+killed mid-job fail over to the other replica with the same artifact as a clean run, and health tells
+the truth while a model loads or when it cannot load. Tiny preset, 64x64 clip, a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
+from clients import channels as client_channels
+from services import channels as service_channels
+from services.config import ServerConfig
+from services.model_host import ModelHost
+from services.server import RunningServer, build_server
+from tokenflow_pb.v1 import inversion_pb2, server_info_pb2, server_info_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DECODE = decode_spec(size=(64, 64))
+SMALL = inversion_spec(steps=2, edit_steps=2, reconstruct=False)
+EDIT = edit_spec("a watercolor painting", seed=5)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def scrape(host: str, port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a server's /metrics, parsed with the Prometheus text parser."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def server_info(target: str) -> server_info_pb2.GetServerInfoResponse:
+    with grpc.insecure_channel(target) as channel:
+        stub = server_info_pb2_grpc.ServerInfoStub(channel)
+        return stub.GetServerInfo(server_info_pb2.GetServerInfoRequest(), timeout=10)
+
+
+class Replica:
+    """`python -m services.server` in a subprocess; knows its gRPC and metrics ports once started."""
+
+    LINE = re.compile(r"serving (\S+) on (\S+):(\d+) \((?:metrics :(\d+)|metrics off)\)")
+
+    def __init__(self, name: str, host: str, args: list[str], log_dir: Path) -> None:
+        self.name, self.host = name, host
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "services.server", "--host", host, "--port", "0", *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=ROOT
+        )
+        self.port = 0
+        self.metrics_port = 0
+
+    def wait_started(self, timeout: float = 120.0) -> Replica:
+        lines: list[str] = []
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                lines.append(line)
+                if self.LINE.match(line):
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        match = self.LINE.match(lines[-1]) if lines else None
+        if match is None:
+            raise AssertionError(f"{self.name} did not start: {lines} / {self.log_path.read_text()[-3000:]}")
+        self.port = int(match.group(3))
+        self.metrics_port = int(match.group(4) or 0)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return scrape(self.host, self.metrics_port)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+
+
+def replica_args(cache: Path, shared: Path, *extra: str) -> list[str]:
+    return [
+        "--metrics-port", "0", "--cache-dir", str(cache), "--cache-size", "1GB",
+        "--shared-store", str(shared), "--model", "tiny", "--device", "cpu", "--log-level", "WARNING", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two inversion replicas (queue of 0: a second job is refused) and an in-process Editor over them."""
+    root = tmp_path_factory.mktemp("fleet")
+    shared = root / "shared"
+    replicas = [
+        Replica(
+            f"inversion-{i}",
+            host,
+            replica_args(
+                root / f"cache-{i}",
+                shared,
+                "--services",
+                "inversion",
+                "--max-queue",
+                "0",
+                "--job-grace-seconds",
+                "2",
+            ),
+            root,
+        )  # fmt: skip
+        for i, host in enumerate(("127.0.0.1", "127.0.0.2"))
+    ]
+    editor: RunningServer | None = None
+    try:
+        for r in replicas:
+            r.wait_started()
+        target = "ipv4:" + ",".join(r.target for r in replicas)
+        host = ModelHost("tiny", device="cpu", dtype="float32")
+        editor = build_server(
+            ServerConfig(
+                services="editor,keyframes,propagation",
+                host="127.0.0.1",
+                port=0,
+                metrics_port=0,
+                cache_dir=root / "editor-cache",
+                cache_size_bytes=1 << 30,
+                shared_store=shared,
+                model="tiny",
+                device="cpu",
+                inversion_addr=target,
+                stage_wait_seconds=60,
+            ),
+            model_host=host,
+        )
+        for r in replicas:
+            wait_for(lambda r=r: health(r.target) == SERVING, 120, f"{r.name} to serve")
+        yield {"replicas": replicas, "target": target, "editor": editor, "host": host, "root": root}
+    finally:
+        if editor is not None:
+            editor.stop(grace=0)
+        for r in replicas:
+            r.close()
+
+
+def files_of(result: Any) -> dict[str, str]:
+    return {f.name: f.sha256 for f in result.files}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# channels: one policy
+
+
+def test_comma_lists_become_address_lists_and_names_are_left_to_the_resolver() -> None:
+    norm = client_channels.normalize_target
+    assert norm("127.0.0.1:5001,127.0.0.2:5002") == "ipv4:127.0.0.1:5001,127.0.0.2:5002"
+    assert norm("[::1]:5001, [::1]:5002") == "ipv6:[::1]:5001,[::1]:5002"
+    for unchanged in ("inversion:50051", "dns:///inversion:50051", "ipv4:10.0.0.1:1,10.0.0.2:1", "unix:/s"):
+        assert norm(unchanged) == unchanged
+    with pytest.raises(ValueError, match="IP addresses only"):
+        norm("inversion-0:50051,inversion-1:50051")
+    with pytest.raises(ValueError, match="mixes"):
+        norm("127.0.0.1:1,[::1]:2")
+    assert service_channels.backend_count("127.0.0.1:1,127.0.0.2:2,127.0.0.3:3") == 3
+    assert service_channels.backend_count("ipv4:127.0.0.1:1") == 1
+    assert service_channels.backend_count("unix:/tmp/s") == 1
+
+
+def test_stage_channels_and_the_client_share_one_service_config() -> None:
+    """services/channels.py builds on clients/channels.py: round robin, UNAVAILABLE retries, health."""
+    services, unary = client_channels.unary_methods_of([inversion_pb2.DESCRIPTOR])
+    assert services == ["tokenflow.v1.Inversion"] and unary == [("tokenflow.v1.Inversion", "Cancel")]
+    config = json.loads(
+        client_channels.service_config(services, unary, health_service="tokenflow.v1.Inversion")
+    )
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "tokenflow.v1.Inversion"}
+    unary_config, streaming_config = config["methodConfig"]
+    assert unary_config["waitForReady"] is True and unary_config["timeout"] == "60s"
+    for entry in (unary_config, streaming_config):
+        assert entry["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+        assert entry["retryPolicy"]["maxAttempts"] == client_channels.RETRY.max_attempts
+    assert "timeout" not in streaming_config  # jobs run for minutes: the caller's deadline bounds them
+    options = dict(
+        client_channels.channel_options(
+            service_channels.STAGE_CHANNEL_OPTIONS, services, unary, health_service="tokenflow.v1.Inversion"
+        )
+    )
+    assert json.loads(options["grpc.service_config"]) == config
+    assert service_channels.server_options(300, 1800) == [
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 1_800_000),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fleet
+
+
+def test_calls_are_spread_over_both_replicas(fleet: dict[str, Any], clip_path: Path) -> None:
+    with TokenFlowClient(fleet["target"], timeout=120) as client:
+        video = client.upload(clip_path)
+        digests = {client.invert(video, decode=DECODE, inversion=SMALL).digest for _ in range(4)}
+    assert len(digests) == 1  # one content address, whichever replica answered
+    for replica in fleet["replicas"]:
+        m = replica.metrics()
+        calls = sum(
+            sample(m, "tokenflow_requests_total", service="inversion", method="Invert", outcome=o)
+            for o in ("ok",)
+        )
+        assert calls >= 1, f"{replica.name} got no Invert call: pick_first instead of round_robin?"
+    info = server_info(fleet["replicas"][0].target)
+    assert [t.name for t in info.store_tiers] == ["local", "volume"]
+    assert info.limits.max_queue == 0 and info.model.test_model and info.ready
+
+
+@pytest.mark.slow  # a long job must hold one replica while two Edits run: minutes on 2 loaded cores
+def test_a_full_queue_fails_over_to_the_other_replica(fleet: dict[str, Any], clip_path: Path) -> None:
+    a, b = fleet["replicas"]
+    editor: RunningServer = fleet["editor"]
+    job_ids: list[str] = []
+    occupied: list[BaseException] = []
+    with TokenFlowClient(a.target, timeout=300) as client_a, TokenFlowClient(editor.target, timeout=300) as c:
+        video = client_a.upload(clip_path)
+
+        def occupy() -> None:  # a long job holds A's only worker; its queue (0) refuses the next one
+            def on_event(event: Any) -> None:
+                if event.WhichOneof("event") == "progress" and event.progress.job_id:
+                    job_ids.append(event.progress.job_id)
+
+            try:
+                client_a.invert(video, decode=DECODE, inversion=inversion_spec(prompt="occupy", steps=400,
+                                edit_steps=2, reconstruct=False), on_event=on_event)  # fmt: skip
+            except BaseException as e:  # noqa: BLE001 - cancelled below, as intended
+                occupied.append(e)
+
+        thread = threading.Thread(target=occupy, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: sample(a.metrics(), "tokenflow_jobs_in_flight", stage="inversion") == 1, 120,
+                     "A to run the occupying job")  # fmt: skip
+            before = scrape("127.0.0.1", editor.metrics_port or 0)
+            # Round robin alternates, so of two inversions at least one is first sent to the busy A.
+            for n in range(2):
+                inversion = inversion_spec(prompt=f"queue {n}", steps=2, edit_steps=2, reconstruct=False)
+                (result,) = c.edit(video, EDIT, decode=DECODE, inversion=inversion)
+                assert result.digest and result.files
+        finally:
+            wait_for(lambda: job_ids, 30, "the occupying job's id")
+            client_a.cancel("inversion", job_ids[0])
+            thread.join(60)
+    rejected = sample(a.metrics(), "tokenflow_requests_total", service="inversion", method="Invert",
+                      outcome="resource_exhausted")  # fmt: skip
+    assert rejected >= 1, "A never refused a job: the test did not exercise the full queue"
+    after = scrape("127.0.0.1", editor.metrics_port or 0)
+    failovers = sample(after, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
+    assert (
+        failovers - sample(before, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
+        >= 1
+    )
+    assert (
+        sample(b.metrics(), "tokenflow_requests_total", service="inversion", method="Invert", outcome="ok")
+        >= 1
+    )
+
+
+@pytest.mark.slow  # two Edits (a clean run, a killed one) on 2 loaded cores
+def test_a_replica_killed_mid_job_fails_over_with_the_same_artifact(
+    fleet: dict[str, Any], clip_path: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the replica running the Edit's inversion: the Editor re-submits it to the other replica
+    and the Edit completes with the artifact a clean run gives (same content address, same bytes)."""
+    inversion = inversion_spec(prompt="killed", steps=4, edit_steps=2, reconstruct=False)
+    # The clean run: an embedded server of its own, sharing nothing with the fleet but the model.
+    clean_config = ServerConfig(
+        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "clean", cache_size_bytes=1 << 30,
+        model="tiny", device="cpu",
+    )  # fmt: skip
+    with build_server(clean_config, model_host=fleet["host"]) as clean:
+        with TokenFlowClient(clean.target, timeout=300) as client:
+            wait_for(lambda: client.health() == "SERVING", 60, "the clean server")
+            (expected,) = client.edit(clip_path, EDIT, decode=DECODE, inversion=inversion)
+
+    editor: RunningServer = fleet["editor"]
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    with TokenFlowClient(editor.target, timeout=300) as client:
+
+        def run() -> None:
+            try:
+                results.extend(client.edit(clip_path, EDIT, decode=DECODE, inversion=inversion))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def running_replica() -> Replica | None:
+            for r in fleet["replicas"]:
+                if r.process.poll() is None and sample(
+                    r.metrics(), "tokenflow_jobs_in_flight", stage="inversion"
+                ):
+                    return r
+            return None
+
+        victim = wait_for(running_replica, 120, "a replica to run the inversion", interval=0.02)
+        victim.kill()
+        thread.join(300)
+    assert not thread.is_alive() and not errors, errors
+    (result,) = results
+    assert result.digest == expected.digest
+    assert files_of(result) == files_of(expected)
+    m = scrape("127.0.0.1", editor.metrics_port or 0)
+    assert (
+        sum(
+            sample(m, "tokenflow_stage_failovers_total", stage="inversion", reason=reason)
+            for reason in ("unavailable", "stream_broken", "stream_ended")
+        )
+        >= 1
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# truthful health
+
+
+def test_a_model_that_cannot_load_is_not_serving_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replica = Replica(
+        "bad-model",
+        "127.0.0.1",
+        ["--services", "inversion", "--metrics-port", "0", "--cache-dir", str(tmp_path / "c"),
+         "--model", "/nonexistent", "--device", "cpu", "--log-level", "WARNING"],
+        tmp_path,
+    )  # fmt: skip
+    try:
+        replica.wait_started()
+        info = wait_for(
+            lambda: (
+                (i := server_info(replica.target)).model.state == server_info_pb2.MODEL_STATE_FAILED and i
+            ),
+            120,
+            "the model load to fail",
+        )
+        assert not info.ready and "/nonexistent" in info.not_ready_reason
+        assert "/nonexistent" in info.model.error and info.model.name == "/nonexistent"
+        statuses = {s.name: s for s in info.services}
+        assert not statuses["tokenflow.v1.Inversion"].serving
+        assert "cannot be loaded" in statuses["tokenflow.v1.Inversion"].reason
+        assert statuses["tokenflow.v1.Artifacts"].serving
+        assert health(replica.target) == NOT_SERVING
+        assert health(replica.target, "tokenflow.v1.Inversion") == NOT_SERVING
+        assert health(replica.target, "tokenflow.v1.Artifacts") == SERVING
+        m = replica.metrics()
+        assert sample(m, "tokenflow_model_ready") == 0
+        assert sample(m, "tokenflow_model_load_failures_total") >= 1
+        assert sample(m, "tokenflow_service_serving", service="tokenflow.v1.Inversion") == 0
+        # What an operator types: `tokenflow-client info` prints the same, as JSON.
+        from clients import cli
+
+        capsys.readouterr()
+        assert cli.main(["--target", replica.target, "info"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["ready"] is False and "/nonexistent" in printed["not_ready_reason"]
+        assert printed["model"]["state"] == "MODEL_STATE_FAILED" and printed["limits"]["max_queue"] == 8
+    finally:
+        replica.close()
+    assert "/nonexistent" in replica.log_path.read_text()
+
+
+def test_a_model_still_loading_is_not_serving_until_it_is_warm(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def slow_loader(name: str, device: str | None = None, dtype: str | None = None) -> Any:
+        from tokenflow.models import load_model
+
+        assert release.wait(60), "the test never let the model load"
+        return load_model(name, device=device, dtype=dtype)
+
+    config = ServerConfig(
+        services="inversion,editor,keyframes,propagation", host="127.0.0.1", port=0, metrics_port=None,
+        cache_dir=tmp_path / "c", cache_size_bytes=1 << 30, model="tiny", device="cpu",
+    )  # fmt: skip
+    host = ModelHost("tiny", device="cpu", dtype="float32", loader=slow_loader)
+    with build_server(config, model_host=host) as running:
+        target = running.target
+        assert health(target) == NOT_SERVING
+        assert health(target, "tokenflow.v1.Propagation") == NOT_SERVING
+        assert health(target, "tokenflow.v1.Editor") == SERVING  # it needs no model; it waits for stages
+        info = server_info(target)
+        assert info.model.state == server_info_pb2.MODEL_STATE_LOADING and not info.model.fingerprint
+        assert not info.ready and info.not_ready_reason == "loading the model"
+        assert info.limits.edit_parallelism == 1  # embedded: one model, one edit at a time
+        release.set()
+        wait_for(lambda: health(target) == SERVING, 60, "SERVING once the model is warm")
+        info = server_info(target)
+        assert info.ready and info.model.state == server_info_pb2.MODEL_STATE_READY
+        assert info.model.fingerprint and info.model.dtype == "float32" and info.model.device == "cpu"
+        assert running.readiness is not None
+        running.readiness.drain()  # what stop() does first: NOT_SERVING at once, before jobs wind down
+        assert health(target) == NOT_SERVING and health(target, "tokenflow.v1.Editor") == NOT_SERVING
+        info = server_info(target)
+        assert info.draining and not info.ready and "draining" in info.not_ready_reason
