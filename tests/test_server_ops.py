@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import SERVICES, STAGES, ServerConfig, parse_services, parse_size
 from services.model_host import ModelHost
-from services.server import RunningServer, build_parser, build_server, config_from_args, main
+from services.server import RunningServer, build_server, config_from_args, main, parse_args
 from tokenflow.synthetic import make_clip
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -336,7 +336,8 @@ def test_the_deployment_manifests_flags_parse_into_a_config() -> None:
     k8s = ROOT / "deploy" / "k8s"
     if not k8s.is_dir():
         pytest.skip("no deploy/k8s in this checkout")
-    env = yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
+    # The ConfigMap is generated from config.env (kustomize configMapGenerator, a content hash in its name).
+    env = dict(line.split("=", 1) for line in (k8s / "config.env").read_text().splitlines() if "=" in line)
     checked = 0
     for path in sorted(k8s.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -344,7 +345,8 @@ def test_the_deployment_manifests_flags_parse_into_a_config() -> None:
                 continue
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
-                config = config_from_args(build_parser().parse_args(args))
+                # The TOKENFLOW_* variables of the ConfigMap reach every container too (envFrom).
+                config = config_from_args(parse_args(args, environ=env))
                 assert config.services - {"artifacts"}, path
                 checked += 1
     assert checked >= 4
