@@ -23,7 +23,14 @@ from services.model_host import ModelHost
 from services.progress import JobProgress
 from services.results import common_warnings, finite_or_none, model_meta
 from services.servicer import JobOutput, Plan, StageServicer, already_stored
-from services.store import Artifact, ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest
+from services.store import (
+    Artifact,
+    ArtifactNotFound,
+    ArtifactStore,
+    CorruptArtifact,
+    Manifest,
+    WrongArtifactKind,
+)
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
 from tokenflow.keys import inversion_key
@@ -134,15 +141,32 @@ def inversion_weights(spec: InversionSpec) -> dict[str, float]:
     return {"encode": 0.1, "invert": 0.9}
 
 
+def _missing_inversion(digest: str) -> ArtifactNotFound:
+    return ArtifactNotFound(
+        f"no inversion {digest} on this server: run Inversion.Invert first "
+        "(it may also have been evicted from the cache: invert again, it gets the same digest)"
+    )
+
+
 def find_inversion(store: ArtifactStore, digest: str) -> Artifact:
     """The stored inversion named by a request (NOT_FOUND / INVALID_ARGUMENT with what to do)."""
     art = store.get(digest, kind=KIND)
     if art is None:
-        raise ArtifactNotFound(
-            f"no inversion {digest} on this server: run Inversion.Invert first "
-            "(it may also have been evicted from the cache: invert again, it gets the same digest)"
-        )
+        raise _missing_inversion(digest)
     return art
+
+
+def inversion_meta(store: ArtifactStore, digest: str) -> dict[str, Any]:
+    """The metadata of a stored inversion, from its manifest alone: what planning an edit needs.
+
+    No file is read or fetched from a shared tier here (the job does that when it loads the tensors).
+    """
+    manifest = store.stat(digest)
+    if manifest is None:
+        raise _missing_inversion(digest)
+    if manifest.kind != KIND:
+        raise WrongArtifactKind(f"digest {digest} names a {manifest.kind!r} artifact, not a {KIND!r} one")
+    return dict(manifest.meta)
 
 
 def load_inversion(

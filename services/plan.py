@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.convert import check_digest, edit_spec_from_proto
-from services.inversion import find_inversion, load_inversion
+from services.inversion import inversion_meta, load_inversion
 from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
@@ -97,7 +97,7 @@ def plan_edit(
     check_digest(inversion_digest, "inversion_digest", _INVERSION_HINT)
     spec = edit_spec_from_proto(edit)
     fingerprint = stage.model_host.fingerprint
-    meta = dict(find_inversion(stage.store, inversion_digest).meta)
+    meta = inversion_meta(stage.store, inversion_digest)
     check_edit_against_inversion(spec, meta, fingerprint, inversion_digest, preview)
     key = keys.edit_key(
         stage.kind, inversion_digest, spec, fingerprint, int(meta["frames"]), int(meta["edit_steps"])

@@ -356,9 +356,10 @@ def test_delete_refuses_an_artifact_a_running_job_holds(
     server: RunningServer, client: Client, tmp_path: Path, held_model: Any
 ) -> None:
     # A video of its own (other tests share the module's clip): deleting it must not affect them.
-    own = make_clip(tmp_path / "own.mp4", frames=6, size=(64, 64), fps=8).read_bytes()
+    own = make_clip(tmp_path / "own.mp4", frames=4, size=(64, 64), fps=8).read_bytes()
     video = client.upload(own, filename="own.mp4")
-    request = inversion_pb2.InvertRequest(video_digest=video, decode=DECODE, inversion=INVERSION)
+    light = common_pb2.InversionSpec(steps=4, edit_steps=2, reconstruct=False)
+    request = inversion_pb2.InvertRequest(video_digest=video, decode=DECODE, inversion=light)
     caller = Streamer(lambda: client.inversion.Invert(request, timeout=120))
     caller.job_id()
     jobs = server.stages["inversion"].jobs
@@ -370,7 +371,7 @@ def test_delete_refuses_an_artifact_a_running_job_holds(
     assert ClientError.from_rpc_error(refused.value).reason == "ARTIFACT_IN_USE"
     held_model.release()
     caller.join()
-    assert caller.error is None and result_of(caller.events).inversion.frames == 6
+    assert caller.error is None and result_of(caller.events).inversion.frames == 4
     client.artifacts.Delete(artifacts_pb2.DeleteRequest(digest=video), timeout=10)  # no job holds it now
     assert not server.store.contains(video)
 
