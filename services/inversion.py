@@ -32,7 +32,7 @@ from services.store import (
     WrongArtifactKind,
 )
 from tokenflow.errors import SpecError, VideoError
-from tokenflow.inversion import META_FILE, TENSORS_FILE, Inversion
+from tokenflow.inversion import Inversion
 from tokenflow.keys import inversion_key
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
@@ -113,7 +113,7 @@ def compute_inversion(
             "edit_steps": recipe.spec.edit_steps,
             "source_has_audio": bool(inversion.extra.get("source_has_audio", False)),
         }
-        manifest = store.put(KIND, key, inversion.to_files(), meta=meta)
+        manifest = store.put(KIND, key, inversion.files(), meta=meta)  # tensor files streamed
     metrics.inversions_total.inc()
     log.info("inversion %s: %d frames, psnr %s", key[:12], inversion.n_frames, inversion.reconstruction_psnr)
     return manifest, inversion
@@ -184,7 +184,8 @@ def load_inversion(
     art = store.get(digest, kind=KIND)
     if art is not None:
         try:
-            return Inversion.from_files({name: art.read(name) for name in (TENSORS_FILE, META_FILE)})
+            # Verified paths, memory-mapped by the editor: the tensors are never read whole.
+            return Inversion.from_paths({name: art.path(name) for name in art.names()})
         except CorruptArtifact as e:
             log.warning("inversion %s is corrupt (%s): rebuilding it", digest[:12], e)
     try:

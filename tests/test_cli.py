@@ -118,7 +118,13 @@ def test_invert_once_then_edit_twice(clip: Path, workdir: Path) -> None:
     )
     assert inv["frames"] == 12 and (inv["width"], inv["height"]) == (64, 64) and inv["fps"] == 12.0
     assert isinstance(inv["reconstruction_psnr_db"], float)
-    assert sorted(p.name for p in saved.iterdir()) == ["inversion.json", "inversion.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == [  # one tensor file per editing step
+        "inversion.json",
+        "latents_clean.safetensors",
+        "noisiest.safetensors",
+        "source_000.safetensors",
+        "source_001.safetensors",
+    ]
     loaded = Inversion.load(saved)
     assert loaded.n_frames == 12 and loaded.steps == 4 and len(loaded.edit_timesteps) == 2
     assert loaded.extra["source_path"] == str(clip.resolve())

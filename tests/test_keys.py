@@ -34,23 +34,27 @@ EDIT_CHANGES: dict[str, Any] = {
     "keyframe_schedule": "explicit",  # a schedule other than seed 0's draw
     "propagation_weighting": "linear",
     "crf": 30,
+    "keyframe_attention": "window:1",
+    "keyframe_group_size": 2,  # execution only
 }
 
 # Which edit fields determine which artifact, by method (hand-written ground truth).
 DETERMINES: dict[tuple[str, str], set[str]] = {
     ("tokenflow", "propagation"): {
         "prompt", "negative_prompt", "guidance_scale", "pnp_attn_t", "pnp_f_t", "seed",
-        "keyframe_interval", "keyframe_schedule", "propagation_weighting", "crf",
+        "keyframe_interval", "keyframe_schedule", "propagation_weighting", "crf", "keyframe_attention",
     },
     ("tokenflow", "keyframes"): {
         "prompt", "negative_prompt", "guidance_scale", "pnp_attn_t", "pnp_f_t", "keyframe_interval",
+        "keyframe_attention",
     },
     ("sdedit", "propagation"): {
         "prompt", "negative_prompt", "guidance_scale", "seed", "keyframe_interval", "sdedit_start",
-        "keyframe_schedule", "propagation_weighting", "crf",
+        "keyframe_schedule", "propagation_weighting", "crf", "keyframe_attention",
     },
     ("sdedit", "keyframes"): {
         "prompt", "negative_prompt", "guidance_scale", "keyframe_interval", "sdedit_start",
+        "keyframe_attention",
     },
     ("per-frame", "propagation"): {
         "prompt", "negative_prompt", "guidance_scale", "pnp_attn_t", "pnp_f_t", "crf",

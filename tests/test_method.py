@@ -23,6 +23,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 
 from tokenflow.attention import (
@@ -34,7 +35,7 @@ from tokenflow.attention import (
     nearest_tokens,
     tokenflow_unet,
 )
-from tokenflow.editing import edit
+from tokenflow.editing import edit, edit_keyframes
 from tokenflow.encoding import decode_latents, encode_prompt
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.eval import psnr
@@ -46,6 +47,8 @@ from tokenflow.inversion import (
     reconstruction_psnr,
     split_prediction,
 )
+from tokenflow.keyframe_pass import attention_cost_warning, contexts
+from tokenflow.latents_io import LatentFile, RowsWriter
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video, render_edit
 from tokenflow.progress import JobHooks, ProgressEvent
@@ -273,6 +276,7 @@ def test_propagation_processor_copies_and_blends_keyframe_outputs(tiny_model: Mo
     assert torch.equal(nearest_tokens(source[0], source[0]), torch.arange(64))
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     # Frames 0 (window 0), 9 and 12 (window 1). Frame 0's source tokens are the keyframe's, permuted.
+    state.keep([0, 1], [0, 1], copy=False)  # keyframes 3 and 12 are windows 0 and 1's
     state.mode, state.frame_indices = "propagate", [0, 9, 12]
     src = torch.cat([source[:, perm], source, source])
     out = proc(attn, torch.cat([src, _randn(6, 64, 32, seed=7)])).view(3, 3, 64, 32)
@@ -313,6 +317,7 @@ def test_propagation_over_identical_source_frames_copies_keyframe_tokens_in_the_
             torch.cat([source[kf], x[kf], x[kf]]), T_MID, encoder_hidden_states=_embeds(tiny_model, 2)
         ).sample
         recorded = {name: (tokens.clone(), out.clone()) for name, (tokens, out) in state.recorded.items()}
+        state.keep([0, 1], [0, 1], copy=False)  # keyframes 1 and 5 are windows 0 and 1's
         state.mode, state.frame_indices = "propagate", list(range(n))
         with _outputs_of(attn1) as captured:
             noise = unet(
@@ -545,7 +550,7 @@ def test_odd_frame_count_and_non_square_size(tiny_model: Model, tmp_path: Path) 
     """11 frames (a partial last window), windows of 4, chunks of 3, 128x64, through the file pipeline."""
     clip = make_clip(tmp_path / "odd.mp4", frames=11, size=(128, 64), fps=Fraction(15, 2), audio=True)
     inversion = invert_video(
-        tiny_model, clip, DecodeSpec(size=(128, 64)), InversionSpec(steps=2, edit_steps=2, reconstruct=False)
+        tiny_model, clip, DecodeSpec.sized((128, 64)), InversionSpec(steps=2, edit_steps=2, reconstruct=False)
     )
     assert inversion.latents_clean.shape == (11, 4, 8, 16) and (inversion.width, inversion.height) == (
         128,
@@ -670,7 +675,7 @@ def _audio_only(path: Path) -> Path:
 
 
 def test_bad_videos_give_clear_errors(tiny_model: Model, clip_path: Path, tmp_path: Path) -> None:
-    spec, decode = InversionSpec(steps=2, edit_steps=2, reconstruct=False), DecodeSpec(size=(64, 64))
+    spec, decode = InversionSpec(steps=2, edit_steps=2, reconstruct=False), DecodeSpec.sized((64, 64))
     text = tmp_path / "notes.txt"
     text.write_text("this is not a video\n" * 50)
     renamed = tmp_path / "notes.mp4"
@@ -690,7 +695,7 @@ def test_bad_videos_give_clear_errors(tiny_model: Model, clip_path: Path, tmp_pa
             invert_video(tiny_model, path, decode, spec)
     # Zero frames: a range past the end of a real clip, and an empty frame source.
     with pytest.raises(VideoError, match="'clip.mp4' has no frames in the requested range"):
-        invert_video(tiny_model, clip_path, DecodeSpec(start=1000, size=(64, 64)), spec)
+        invert_video(tiny_model, clip_path, DecodeSpec.sized((64, 64), start=1000), spec)
     with pytest.raises(VideoError, match="no frames to encode"):
         invert(tiny_model, lambda: iter(()), spec)
 
@@ -735,11 +740,19 @@ def test_bad_specs_give_clear_errors(
 def test_inversion_save_load_round_trip(small_inversion: Inversion, tmp_path: Path) -> None:
     inv = dataclasses.replace(small_inversion, reconstruction_psnr=23.5, extra={"source_path": "/x/clip.mp4"})
     inv.save(tmp_path / "inv")
-    assert sorted(p.name for p in (tmp_path / "inv").iterdir()) == ["inversion.json", "inversion.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "inv").iterdir()) == [
+        "inversion.json",
+        "latents_clean.safetensors",
+        "noisiest.safetensors",
+        "source_000.safetensors",
+        "source_001.safetensors",
+    ]  # one file per editing step
     loaded = Inversion.load(tmp_path / "inv")
-    for name in ("latents_clean", "source_latents", "noisiest"):
+    for name in ("latents_clean", "noisiest"):
         assert torch.equal(getattr(loaded, name), getattr(inv, name)), name
-    assert loaded.source_latents.shape == (2, 10, 4, 8, 8)
+    for step in range(2):
+        assert torch.equal(loaded.source_latents_at(step).full(), inv.source_latents_at(step).full())
+    assert loaded.latent_shape == (10, 4, 8, 8) and loaded.latents_at(501).shape == (10, 4, 8, 8)
     for name in (
         "edit_timesteps",
         "noisiest_timestep",
@@ -755,7 +768,49 @@ def test_inversion_save_load_round_trip(small_inversion: Inversion, tmp_path: Pa
     ):
         assert getattr(loaded, name) == getattr(inv, name), name
     assert loaded.fps == Fraction(10) and loaded.edit_timesteps == [501, 1] and loaded.test_model is True
-    assert loaded.to_files() == inv.to_files()  # byte-identical re-serialisation
+    assert loaded.meta_bytes() == inv.meta_bytes()
+
+
+def test_inversion_reads_only_the_frames_asked_for(small_inversion: Inversion) -> None:
+    """The step accessor is lazy: indexing it reads those rows, in that order, from the memory-mapped file."""
+    full = small_inversion.latents_at(501)
+    step = small_inversion.source_latents_at(0)
+    assert isinstance(step, LatentFile) and len(step) == 10
+    assert torch.equal(step[[7, 2, 3, 4]], full[[7, 2, 3, 4]])
+    assert torch.equal(step[2:5], full[2:5])
+    assert torch.equal(small_inversion.clean_rows(8, 10), small_inversion.latents_clean[8:10])
+    assert not hasattr(small_inversion, "source_latents")  # no [T, N, ...] tensor anywhere
+
+
+def test_rows_writer_streams_an_unknown_number_of_rows(tmp_path: Path) -> None:
+    rows = _randn(11, 4, 3, 5, seed=9)
+    with RowsWriter(tmp_path / "x.safetensors", "latents", metadata={"timestep": "501"}) as w:
+        for b in range(0, 11, 4):
+            w.write(rows[b : b + 4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no partial file left
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:  # a standard safetensors file
+        assert torch.equal(f.get_tensor("latents"), rows) and f.metadata() == {"timestep": "501"}
+    with pytest.raises(RuntimeError), RowsWriter(tmp_path / "y.safetensors", "latents") as w:
+        w.write(rows[:2])
+        raise RuntimeError("interrupted")
+    assert not any(p.name.startswith(("y", ".y")) for p in tmp_path.iterdir())
+
+
+def test_the_older_single_file_layout_is_read_in_place(small_inversion: Inversion, tmp_path: Path) -> None:
+    meta = {**small_inversion.to_meta(), "format": 1}
+    del meta["tensors"], meta["latent_shape"]
+    legacy = {
+        "latents_clean": small_inversion.latents_clean,
+        "source_latents": torch.stack(
+            [small_inversion.latents_at(t) for t in small_inversion.edit_timesteps]
+        ),
+        "noisiest": small_inversion.noisiest,
+    }
+    (tmp_path / "inversion.safetensors").write_bytes(save(legacy))
+    (tmp_path / "inversion.json").write_text(json.dumps(meta))
+    old = Inversion.load(tmp_path)
+    assert torch.equal(old.latents_at(1), small_inversion.latents_at(1))
+    assert torch.equal(old.source_latents_at(0)[[3]], small_inversion.latents_at(501)[[3]])
 
 
 @torch.no_grad()
@@ -767,7 +822,8 @@ def test_an_edit_from_a_saved_inversion_is_bit_identical(
     (Regression: the VAE returned channels-last latents; the UNet's convolutions then ran other kernels
     than on the contiguous tensors loaded from safetensors, and the two edits differed by ~4e-5.)
     """
-    assert small_inversion.latents_clean.is_contiguous() and small_inversion.source_latents.is_contiguous()
+    assert small_inversion.latents_clean.is_contiguous()
+    assert small_inversion.source_latents_at(0).full().is_contiguous()
     small_inversion.save(tmp_path / "inv")
     spec = EditSpec(prompt=PROMPTS[2], keyframe_interval=4, seed=5)
     cold = edit(tiny_model, small_inversion, spec).latents
@@ -778,35 +834,40 @@ def test_an_edit_from_a_saved_inversion_is_bit_identical(
 @pytest.mark.parametrize(
     "case",
     [
-        "empty",
+        "meta missing",
         "meta not json",
         "tensors garbage",
-        "tensors missing",
+        "tensor file missing",
+        "wrong tensor name",
         "meta missing key",
         "meta not an object",
         "future format",
         "inconsistent",
     ],
 )
-def test_inversion_from_files_rejects_garbage(small_inversion: Inversion, case: str) -> None:
-    good = small_inversion.to_files()
-    meta = json.loads(good["inversion.json"])
+def test_inversion_from_paths_rejects_garbage(small_inversion: Inversion, case: str, tmp_path: Path) -> None:
+    folder = small_inversion.save(tmp_path / "inv")
+    meta = json.loads((folder / "inversion.json").read_bytes())
     missing_key = {k: v for k, v in meta.items() if k != "edit_timesteps"}
-    files = {
-        "empty": {},
-        "meta not json": {**good, "inversion.json": b"\x80\x04 a pickle?"},
-        "tensors garbage": {**good, "inversion.safetensors": b"definitely not safetensors"},
-        "tensors missing": {**good, "inversion.safetensors": save({"latents_clean": torch.zeros(1)})},
-        "meta missing key": {**good, "inversion.json": json.dumps(missing_key).encode()},
-        "meta not an object": {**good, "inversion.json": b"[1, 2, 3]"},
-        "future format": {**good, "inversion.json": json.dumps({**meta, "format": 99}).encode()},
-        "inconsistent": {
-            **good,
-            "inversion.json": json.dumps({**meta, "edit_timesteps": [751, 501, 1]}).encode(),
-        },
+    wrong_name = json.loads(json.dumps(meta))
+    wrong_name["tensors"]["noisiest"]["name"] = "nope"
+    edits: dict[str, Any] = {
+        "meta missing": {"inversion.json": None},
+        "meta not json": {"inversion.json": b"\x80\x04 a pickle?"},
+        "tensors garbage": {"source_001.safetensors": b"definitely not safetensors"},
+        "tensor file missing": {"source_001.safetensors": None},
+        "wrong tensor name": {"inversion.json": json.dumps(wrong_name).encode()},
+        "meta missing key": {"inversion.json": json.dumps(missing_key).encode()},
+        "meta not an object": {"inversion.json": b"[1, 2, 3]"},
+        "future format": {"inversion.json": json.dumps({**meta, "format": 99}).encode()},
+        "inconsistent": {"inversion.json": json.dumps({**meta, "latent_shape": [11, 4, 8, 8]}).encode()},
     }[case]
+    for name, data in edits.items():
+        (folder / name).unlink()
+        if data is not None:
+            (folder / name).write_bytes(data)
     with pytest.raises(SpecError):
-        Inversion.from_files(files)
+        Inversion.from_paths({p.name: p for p in folder.iterdir()})
 
 
 def test_inversion_load_of_an_empty_folder(tmp_path: Path) -> None:
@@ -814,10 +875,80 @@ def test_inversion_load_of_an_empty_folder(tmp_path: Path) -> None:
         Inversion.load(tmp_path)
 
 
+# --------------------------------------------------------------------------- long clips: the keyframe pass
+
+
+@torch.no_grad()
+def test_a_grouped_keyframe_pass_equals_the_one_batch_pass(
+    tiny_model: Model, small_inversion: Inversion
+) -> None:
+    """Groups of 1 and 2 keyframes in lockstep give the one-batch pass's edit and preview (float tol.)."""
+    spec = EditSpec(prompt=PROMPTS[2], keyframe_interval=2, seed=1)  # 5 keyframes per step
+    one = edit(tiny_model, small_inversion, spec.replace(keyframe_group_size=64)).latents
+    for group in (1, 2):
+        grouped = edit(tiny_model, small_inversion, spec.replace(keyframe_group_size=group)).latents
+        assert _rel(grouped, one) <= 1e-5, group  # measured 2e-7
+    _, preview = edit_keyframes(tiny_model, small_inversion, spec.replace(keyframe_group_size=64))
+    _, grouped_preview = edit_keyframes(tiny_model, small_inversion, spec.replace(keyframe_group_size=2))
+    assert np.abs(preview.astype(int) - grouped_preview.astype(int)).max() <= 1
+
+
+@torch.no_grad()
+def test_windowed_keyframe_attention(tiny_model: Model, small_inversion: Inversion) -> None:
+    """window:W covering the clip (W >= K-1) equals all exactly; a narrower window changes the edit."""
+    spec = EditSpec(prompt=PROMPTS[2], keyframe_interval=2, seed=1)  # 5 keyframes
+    full = edit(tiny_model, small_inversion, spec.replace(keyframe_attention="all")).latents
+    assert torch.equal(
+        edit(tiny_model, small_inversion, spec.replace(keyframe_attention="window:4")).latents, full
+    )
+    narrow = edit(tiny_model, small_inversion, spec.replace(keyframe_attention="window:1")).latents
+    assert _rel(narrow, full) > 1e-3
+    # The window's keyframes may themselves run in groups: same result within float tolerance.
+    grouped = edit(
+        tiny_model, small_inversion, spec.replace(keyframe_attention="window:1", keyframe_group_size=2)
+    )
+    assert _rel(grouped.latents, narrow) <= 1e-5
+    for bad in ("some", "window:0", "window:x", "window:"):
+        with pytest.raises(SpecError, match="keyframe_attention"):
+            edit(tiny_model, small_inversion, spec.replace(keyframe_attention=bad))
+
+
+def test_keyframe_contexts_and_the_cost_warning() -> None:
+    assert contexts(5, None) == [(0, 5)] * 5 and contexts(5, 4) == [(0, 5)] * 5
+    assert contexts(5, 1) == [(0, 2), (0, 3), (1, 4), (2, 5), (3, 5)]
+    assert attention_cost_warning(255, None, 4096) is None and attention_cost_warning(300, 2, 4096) is None
+    message = attention_cost_warning(300, None, 4096)
+    assert message is not None and "300 keyframes" in message and "window:" in message
+
+
 def test_progress_events_of_an_edit(tiny_model: Model, small_inversion: Inversion) -> None:
     events: list[ProgressEvent] = []
     edit(tiny_model, small_inversion, EditSpec(prompt=PROMPTS[2]), hooks=JobHooks(progress=events.append))
-    assert [(e.stage, e.step, e.total, e.frames_total) for e in events] == [
+    steps = [e for e in events if e.frames_done == e.frames_total]  # not the (throttled) within-step ones
+    assert all(e.seconds_per_step is not None and e.eta_seconds is not None for e in steps)
+    assert steps[-1].eta_seconds == 0.0
+    assert [(e.stage, e.step, e.total, e.frames_total) for e in steps] == [
         ("edit", 1, 2, 10),
         ("edit", 2, 2, 10),
     ]
+
+
+def test_the_eta_follows_the_measured_rate_over_a_moving_window() -> None:
+    """Steps of 1 s, then of 3 s: the ETA moves to the new rate within the window, not the run's average."""
+    now = [0.0]
+    events: list[ProgressEvent] = []
+    hooks = JobHooks(progress=events.append, clock=lambda: now[0], within_step_interval=0.0)
+    hooks.start("edit")
+    for step in range(1, 41):
+        now[0] += 1.0 if step <= 20 else 3.0
+        hooks.report("edit", step, 40, frames_done=100, frames_total=100)
+    assert events[0].seconds_per_step == pytest.approx(1.0) and events[0].eta_seconds == pytest.approx(39.0)
+    assert events[19].eta_seconds == pytest.approx(20.0)
+    assert events[-2].seconds_per_step == pytest.approx(3.0)  # the whole-run average would say 2.0
+    assert events[-2].eta_seconds == pytest.approx(3.0)
+    # Inside a step: frames done count as a fraction of a step.
+    hooks.start("invert")
+    now[0] += 5.0
+    hooks.report_within("invert", 0, 2, 50, 100)
+    assert events[-1].stage == "invert" and events[-1].seconds_per_step == pytest.approx(10.0)
+    assert events[-1].eta_seconds == pytest.approx(15.0)

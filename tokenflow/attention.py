@@ -26,9 +26,10 @@ before the skip connection, as the public code does) is replaced likewise while 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,80 @@ MODES = ("keyframes", "propagate", "per-frame")
 # Decoder self-attentions that get PnP query/key injection: up-blocks 1..3, except up_blocks[1].attentions[0].
 PNP_ATTENTIONS = {1: (1, 2), 2: (0, 1, 2), 3: (0, 1, 2)}
 NN_ROW_BLOCK = 8192  # rows of the similarity matrix computed at once (bounds memory, same result)
+
+T = TypeVar("T")
+LayerRecord = tuple[torch.Tensor, torch.Tensor]  # (source tokens [K,seq,dim], outputs [3,K,seq,dim])
+
+
+class Lockstep:
+    """Runs one UNet pass over the keyframes as several smaller passes that meet at every self-attention.
+
+    Extended attention needs every keyframe's keys and values in every transformer block, and those
+    depend on all keyframes' earlier blocks, so the groups cannot run one after the other. Each group
+    runs in its own thread; at every ``attn1`` it posts its keys/values, waits for the other groups
+    (a barrier) and attends to all of them. A baton lets one group compute at a time, so the transient
+    activations are one group's. The keys are concatenated in group order, so the result equals the
+    one-batch pass up to floating-point summation order.
+    """
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self._barrier = threading.Barrier(groups)
+        self._baton = threading.Lock()
+        self._local = threading.local()
+        self._posted: dict[str, list[Any]] = {}
+        self.records: list[dict[str, LayerRecord]] = [{} for _ in range(groups)]
+
+    @property
+    def group(self) -> int:
+        return int(self._local.group)
+
+    def _wait(self) -> None:
+        self._baton.release()
+        try:
+            self._barrier.wait()
+        finally:
+            self._baton.acquire()
+
+    def exchange(self, key: str, value: Any) -> list[Any]:
+        """Post this group's value under `key`; returns every group's, in group order, once all posted."""
+        self._posted.setdefault(key, [None] * self.groups)[self.group] = value
+        self._wait()
+        return self._posted[key]
+
+    def release(self, key: str) -> None:
+        """Every group is done with `key`: free it (bounds the keys/values held to one layer's)."""
+        self._wait()
+        if self.group == 0:
+            self._posted.pop(key, None)
+
+    def run(self, work: Sequence[Callable[[], T]]) -> list[T]:
+        """Run one callable per group in lockstep; re-raises the first error of any group."""
+        if len(work) != self.groups:
+            raise ValueError("one callable per group")
+        results: list[Any] = [None] * self.groups
+        errors: list[BaseException] = []
+
+        def worker(g: int) -> None:
+            self._local.group = g
+            with self._baton, torch.no_grad():
+                try:
+                    results[g] = work[g]()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                    errors.append(exc)
+                    self._barrier.abort()
+
+        threads = [
+            threading.Thread(target=worker, args=(g,), name=f"keyframes-{g}") for g in range(self.groups)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+            raise (real or errors)[0]
+        return results
 
 
 @dataclass
@@ -49,10 +124,35 @@ class TokenFlowState:
     frame_indices: list[int] = field(default_factory=list)  # global frame index of each frame in the batch
     keyframe_interval: int = 8
     weighting: str = "sigmoid"
-    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    recorded: dict[str, LayerRecord] = field(default_factory=dict)
+    """The last keyframe pass's records, for the keyframes of that pass in batch order."""
+    keyframes: dict[int, dict[str, LayerRecord]] = field(default_factory=dict)
+    """What propagation reads: window -> layer -> (tokens [1,seq,dim], outputs [3,1,seq,dim])."""
+    lockstep: Lockstep | None = None
+    """Set while a keyframe pass runs in groups (see `Lockstep`)."""
+
+    def record(self, name: str, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        if self.lockstep is not None:
+            self.lockstep.records[self.lockstep.group][name] = (tokens, out)
+        else:
+            self.recorded[name] = (tokens, out)
+
+    def keep(self, windows: Sequence[int], positions: Sequence[int], copy: bool) -> None:
+        """Make the last pass's keyframes at batch `positions` the keyframes of `windows` for propagation."""
+        for w, p in zip(windows, positions, strict=True):
+            layers = {}
+            for name, (tokens, out) in self.recorded.items():
+                tok, o = tokens[p : p + 1], out[:, p : p + 1]
+                layers[name] = (tok.clone(), o.clone()) if copy else (tok, o)
+            self.keyframes[w] = layers
+
+    def forget_before(self, window: int) -> None:
+        for w in [w for w in self.keyframes if w < window]:
+            del self.keyframes[w]
 
     def clear(self) -> None:
         self.recorded.clear()
+        self.keyframes.clear()
 
 
 def is_pnp_attention(name: str) -> bool:
@@ -90,13 +190,21 @@ class TokenFlowAttnProcessor:
             q = torch.cat([q[:n]] * 3)
             k = torch.cat([k[:n]] * 3)
         if state.mode == "keyframes":
+            ku, vu, kc, vc = k[n : 2 * n], v[n : 2 * n], k[2 * n :], v[2 * n :]
+            ls = state.lockstep
+            if ls is not None:  # a group of a larger pass: attend to every group's keys and values
+                posted = ls.exchange(self.name, (ku, vu, kc, vc))
+                ku, vu, kc, vc = (torch.cat([p[i] for p in posted]) for i in range(4))
             out = torch.cat(
                 [
                     _attention(attn, q[:n], k[:n], v[:n], joint=False),
-                    _attention(attn, q[n : 2 * n], k[n : 2 * n], v[n : 2 * n], joint=True),
-                    _attention(attn, q[2 * n :], k[2 * n :], v[2 * n :], joint=True),
+                    _attention(attn, q[n : 2 * n], ku, vu, joint=True),
+                    _attention(attn, q[2 * n :], kc, vc, joint=True),
                 ]
             )
+            del ku, vu, kc, vc
+            if ls is not None:
+                ls.release(self.name)
         elif state.mode == "per-frame":
             out = _attention(attn, q, k, v, joint=False)
         else:
@@ -107,28 +215,28 @@ class TokenFlowAttnProcessor:
         out = out / attn.rescale_output_factor
         if state.mode == "keyframes":
             seq, dim = out.shape[1:]
-            state.recorded[self.name] = (hidden_states[:n], out.view(3, n, seq, dim))
+            # A copy of the source third: a view would keep the whole [3n, ...] input alive.
+            state.record(self.name, hidden_states[:n].clone(), out.view(3, n, seq, dim))
         return out
 
     def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = self.state
-        if self.name not in state.recorded:
-            raise RuntimeError(f"{self.name}: propagation before a keyframe pass")
-        kf_tokens, kf_out = state.recorded[self.name]  # [K,seq,dim], [3,K,seq,dim]
         n = hidden_states.shape[0] // 3
         seq, dim = hidden_states.shape[1:]
         frames = torch.tensor(state.frame_indices, device=hidden_states.device)
         windows = frames // state.keyframe_interval
         src = hidden_states[:n]
-        out = torch.empty(3, n, seq, dim, dtype=kf_out.dtype, device=kf_out.device)
+        out = torch.empty(3, n, seq, dim, dtype=hidden_states.dtype, device=hidden_states.device)
         for w in windows.unique().tolist():
             sel = (windows == w).nonzero().squeeze(1)
             x = src[sel].reshape(-1, dim)
-            current = _gather(kf_out[:, w], nearest_tokens(x, kf_tokens[w]))
+            tokens, kf_out = self._keyframe(w)
+            current = _gather(kf_out, nearest_tokens(x, tokens))
             if w == 0:
                 out[:, sel] = current.view(3, len(sel), seq, dim)
                 continue
-            previous = _gather(kf_out[:, w - 1], nearest_tokens(x, kf_tokens[w - 1]))
+            tokens, kf_out = self._keyframe(w - 1)
+            previous = _gather(kf_out, nearest_tokens(x, tokens))
             w1 = blend_weights(frames[sel], w, state.keyframe_interval, state.weighting)
             w1 = w1.to(current.dtype).view(1, -1, 1, 1)
             blended = w1 * current.view(3, len(sel), seq, dim) + (1 - w1) * previous.view(
@@ -137,14 +245,25 @@ class TokenFlowAttnProcessor:
             out[:, sel] = blended
         return out.reshape(3 * n, seq, dim)
 
+    def _keyframe(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source tokens [seq,dim], outputs [3,seq,dim]) recorded for the keyframe of `window`."""
+        layers = self.state.keyframes.get(window)
+        if layers is None or self.name not in layers:
+            raise RuntimeError(f"{self.name}: propagation before the keyframe pass of window {window}")
+        tokens, out = layers[self.name]
+        return tokens[0], out[:, 0]
+
 
 def _attention(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, joint: bool) -> torch.Tensor:
-    """Per-frame attention, or (joint) every query of every frame over all frames' keys."""
+    """Per-frame attention, or (joint) every query of every frame over all frames' keys.
+
+    Joint: `k`/`v` may hold more frames than `q` (a group of keyframes attending to all of them).
+    """
     frames, seq, inner = q.shape
     heads = attn.heads
     head_dim = inner // heads
     if joint:
-        q, k, v = (t.reshape(1, frames * seq, inner) for t in (q, k, v))
+        q, k, v = (t.reshape(1, -1, inner) for t in (q, k, v))
     b = q.shape[0]
     q, k, v = (t.view(b, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=attn.scale)

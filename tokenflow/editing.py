@@ -4,12 +4,20 @@ Per denoising step t (TokenFlow, DESIGN.md §2): draw keyframes; run the UNet on
 with extended attention and record every self-attention output (the latents it would produce
 are discarded); run it on all frames in chunks with self-attention replaced by nearest-
 neighbour propagation of the recorded outputs; classifier-free guidance and one DDIM step.
+
+Memory: the loop holds the current latents [N,4,h,w] (updated in place, chunk by chunk) and reads
+the inversion's latents of the current step from disk only for the frames it is working on. The
+keyframe pass is scoped and batched by `tokenflow.keyframe_pass` (``keyframe_attention``,
+``keyframe_group_size``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +25,19 @@ import torch
 from tokenflow.attention import TokenFlowState, tokenflow_unet
 from tokenflow.encoding import decode_latents, encode_prompt
 from tokenflow.errors import SpecError
-from tokenflow.inversion import Inversion
+from tokenflow.inversion import READ_BATCH, Inversion
+from tokenflow.keyframe_pass import (
+    KeyframePass,
+    auto_group_size,
+    parse_keyframe_attention,
+    propagation_windows,
+    warn_if_slow,
+)
+from tokenflow.keys import run_steps
+from tokenflow.methods import method, preview_methods
 from tokenflow.models import Model
 from tokenflow.progress import NO_HOOKS, JobHooks
-from tokenflow.schedule import draw_keyframes, make_scheduler, validate_schedule, window_centres
+from tokenflow.schedule import make_scheduler, resolve_schedule, window_centres
 from tokenflow.specs import EditSpec
 
 
@@ -29,6 +46,8 @@ class EditResult:
     latents: torch.Tensor  # [N,4,h,w] final latents (float32, cpu)
     keyframes: list[list[int]] = field(default_factory=list)  # keyframe indices used at each step
     trajectory: list[torch.Tensor] | None = None  # latents after every step, when asked for
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of the keyframe and other passes
 
 
 @dataclass
@@ -42,7 +61,10 @@ class _Prepared:
     embeds_cond: torch.Tensor
 
 
-def _prepare(model: Model, inversion: Inversion, spec: EditSpec) -> _Prepared:
+def _prepare(
+    model: Model, inversion: Inversion, spec: EditSpec, frames: Sequence[int] | None = None
+) -> _Prepared:
+    """Schedule, prompts and the starting latents of `frames` (default: all)."""
     spec.validate()
     if inversion.model_fingerprint and inversion.model_fingerprint != model.fingerprint:
         raise SpecError("this inversion was made with a different model; invert again with the current model")
@@ -51,24 +73,36 @@ def _prepare(model: Model, inversion: Inversion, spec: EditSpec) -> _Prepared:
     timesteps = [int(t) for t in scheduler.timesteps]
     if timesteps != inversion.edit_timesteps:
         raise SpecError("the inversion's timesteps do not match this model's scheduler")
-    alphas = scheduler.alphas_cumprod
-    alpha_T = alphas[inversion.noisiest_timestep]
-    # The public code's noise: the one that maps the clean latents onto the most-noised inversion latent.
-    eps = (inversion.noisiest - alpha_T**0.5 * inversion.latents_clean) / (1 - alpha_T) ** 0.5
-    offset = 0
-    if spec.method == "sdedit":
-        offset = steps - int(steps * spec.sdedit_start)
-        if offset >= steps:
-            raise SpecError("edit.sdedit_start is too small: no denoising step would run")
-    start = torch.tensor([timesteps[offset]])
-    x = scheduler.add_noise(inversion.latents_clean, eps, start)
-    if spec.method == "reconstruct":
+    offset, run = run_steps(spec, steps)
+    if run < 1:
+        raise SpecError(
+            "edit.sdedit_start is too small: no denoising step would run", field="edit.sdedit_start"
+        )
+    x = start_latents(inversion, scheduler, timesteps[offset], frames or range(inversion.n_frames))
+    if not method(spec.method).uses_prompt:
         uncond = cond = encode_prompt(model, inversion.prompt)
     else:
         uncond, cond = encode_prompt(model, spec.negative_prompt), encode_prompt(model, spec.prompt)
     return _Prepared(
         scheduler, timesteps[offset:], offset, x, encode_prompt(model, inversion.prompt), uncond, cond
     )
+
+
+def start_latents(inversion: Inversion, scheduler: Any, timestep: int, frames: Sequence[int]) -> torch.Tensor:
+    """The edit's starting latents of these frames: the clean latents noised to `timestep` with the noise
+    that maps them onto the most-noised inversion latent (the public code's), read in batches."""
+    alpha_T = scheduler.alphas_cumprod[inversion.noisiest_timestep]
+    start = torch.tensor([timestep])
+    frames = list(frames)
+    out = torch.empty((len(frames), *inversion.latent_shape[1:]), dtype=torch.float32)
+    clean_file = inversion._file(inversion.clean_ref)
+    noisiest_file = inversion._file(inversion.noisiest_ref)
+    for b in range(0, len(frames), READ_BATCH):
+        rows = frames[b : b + READ_BATCH]
+        clean = clean_file[rows]
+        eps = (noisiest_file[rows] - alpha_T**0.5 * clean) / (1 - alpha_T) ** 0.5
+        out[b : b + len(rows)] = scheduler.add_noise(clean, eps, start)
+    return out
 
 
 def _unet_branches(
@@ -100,7 +134,7 @@ def _pnp_flags(spec: EditSpec, step_index: int, all_steps: int) -> tuple[bool, b
 
     Thresholds count from the first of all T steps, as the public code's `timesteps[:int(T * f)]`.
     """
-    use_pnp = spec.method in ("tokenflow", "per-frame")
+    use_pnp = method(spec.method).pnp
     return (
         use_pnp and step_index < int(all_steps * spec.pnp_attn_t),
         use_pnp and step_index < int(all_steps * spec.pnp_f_t),
@@ -114,10 +148,40 @@ def _reconstruct_step(model: Model, prep: _Prepared, x: torch.Tensor, t: int) ->
     return prep.scheduler.step(noise, t, x).prev_sample
 
 
-def keyframe_schedule(spec: EditSpec, n_frames: int, steps: int) -> list[list[int]]:
-    if spec.keyframe_schedule is not None:
-        return validate_schedule(spec.keyframe_schedule, n_frames, spec.keyframe_interval, steps)
-    return draw_keyframes(n_frames, spec.keyframe_interval, steps, spec.seed)
+keyframe_schedule = resolve_schedule  # the name earlier callers use
+
+
+def _pass_options(model: Model, inversion: Inversion, spec: EditSpec) -> tuple[int | None, int | None]:
+    """(window or None for all, keyframes per UNet batch or None for one batch) of this edit."""
+    window = parse_keyframe_attention(spec.keyframe_attention)
+    group = spec.keyframe_group_size or None
+    if group is None:
+        h, w = inversion.latent_shape[-2:]
+        channels = int(model.unet.config.block_out_channels[0])
+        group = auto_group_size(model.device, (h, w), channels, model.dtype)
+    return window, group
+
+
+def _keyframe_pass(
+    model: Model,
+    prep: _Prepared,
+    state: TokenFlowState,
+    keyframes: list[int],
+    source: torch.Tensor,
+    x: torch.Tensor,
+    t: int,
+    options: tuple[int | None, int | None],
+    keep_noise: bool = False,
+) -> KeyframePass:
+    """The step's keyframe pass over `keyframes`, whose source/current latents are `source` and `x`."""
+
+    def run(positions: list[int]) -> torch.Tensor:
+        state.mode = "keyframes"
+        state.frame_indices = [keyframes[p] for p in positions]
+        return _unet_branches(model, prep, source[positions], x[positions], t)
+
+    window, group = options
+    return KeyframePass(state, run, len(keyframes), window, group, keep_noise=keep_noise)
 
 
 @torch.no_grad()
@@ -130,41 +194,66 @@ def edit(
 ) -> EditResult:
     """Edit every frame with the spec's method; returns the final latents (decode them lazily)."""
     prep = _prepare(model, inversion, spec)
+    options = _pass_options(model, inversion, spec)
     n = inversion.n_frames
     total = len(prep.timesteps)
     all_steps = len(inversion.edit_timesteps)
-    schedule = keyframe_schedule(spec, n, total) if spec.method in ("tokenflow", "sdedit") else []
+    info = method(spec.method)
+    schedule = resolve_schedule(spec, n, total) if info.keyframes else []
     state = TokenFlowState(keyframe_interval=spec.keyframe_interval, weighting=spec.propagation_weighting)
     x = prep.x
     trajectory: list[torch.Tensor] | None = [] if keep_trajectory else None
-    with tokenflow_unet(model.unet, state) if spec.method != "reconstruct" else contextlib.nullcontext():
+    warnings = []
+    seconds = {"keyframes": 0.0, "propagation": 0.0}
+    if schedule:
+        message = warn_if_slow(len(schedule[0]), options[0], int(x.shape[-2] * x.shape[-1]))
+        if message:
+            warnings.append(message)
+            hooks.report("edit", 0, total, frames_done=0, frames_total=n, message=message)
+    hooks.start("edit")
+    hooked = info.pnp or info.keyframes  # the attention processor and conv hook are needed
+    with tokenflow_unet(model.unet, state) if hooked else contextlib.nullcontext():
         for i, t in enumerate(prep.timesteps):
             step_index = prep.step_offset + i
-            source = inversion.source_latents[step_index]
+            step_started = time.perf_counter()
+            source = inversion.source_latents_at(step_index)  # read lazily, frames as needed
             state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
+            kpass = None
             if schedule:
                 kf = schedule[i]
-                state.mode, state.frame_indices = "keyframes", kf
-                _unet_branches(model, prep, source[kf], x[kf], t)  # records attention outputs
-                state.mode = "propagate"
+                # The keyframes' latents before this step: x is updated in place below.
+                kpass = _keyframe_pass(model, prep, state, kf, source[kf], x[kf], t, options)
+                if kpass.joint:
+                    kpass.run_all()  # records every keyframe's attention outputs
             else:
                 state.mode = "per-frame"
-            out = []
             for b in range(0, n, spec.chunk_size):
                 chunk = list(range(b, min(b + spec.chunk_size, n)))
+                if kpass is not None:
+                    lo, hi = propagation_windows(chunk, spec.keyframe_interval)
+                    if not kpass.joint:  # window:W: compute keyframes as they are needed, drop the rest
+                        state.forget_before(lo)
+                        kpass.ensure(lo, hi)
+                    state.mode = "propagate"
                 state.frame_indices = chunk
-                if spec.method == "reconstruct":
-                    out.append(_reconstruct_step(model, prep, x[chunk], t))
+                rows = x[b : b + len(chunk)]
+                if not info.uses_prompt:
+                    new = _reconstruct_step(model, prep, rows, t)
                 else:
-                    noise = _unet_branches(model, prep, source[chunk], x[chunk], t)
-                    out.append(_guided_step(prep, noise, t, x[chunk], spec.guidance_scale))
-                hooks.check()
-            x = torch.cat(out)
+                    noise = _unet_branches(model, prep, source[chunk], rows, t)
+                    new = _guided_step(prep, noise, t, rows, spec.guidance_scale)
+                x[b : b + len(chunk)] = new
+                hooks.report_within("edit", i, total, frames_done=b + len(chunk), frames_total=n)
             state.clear()
+            keyframe_seconds = kpass.seconds if kpass is not None else 0.0
+            seconds["keyframes"] += keyframe_seconds
+            seconds["propagation"] += time.perf_counter() - step_started - keyframe_seconds
             if trajectory is not None:
                 trajectory.append(x.clone())
             hooks.report("edit", i + 1, total, frames_done=n, frames_total=n)
-    return EditResult(latents=x, keyframes=schedule, trajectory=trajectory)
+    return EditResult(
+        latents=x, keyframes=schedule, trajectory=trajectory, warnings=warnings, seconds=seconds
+    )
 
 
 @torch.no_grad()
@@ -179,20 +268,28 @@ def edit_keyframes(
 
     Costs K/N of a full edit. Returns the keyframe indices and their decoded uint8 frames.
     """
-    if spec.method not in ("tokenflow", "sdedit"):
-        raise SpecError("keyframe previews exist for the tokenflow and sdedit methods")
-    prep = _prepare(model, inversion, spec)
-    kf = indices if indices is not None else window_centres(inversion.n_frames, spec.keyframe_interval)
-    if any(not 0 <= k < inversion.n_frames for k in kf):
+    if not method(spec.method).preview:
+        raise SpecError(
+            f"keyframe previews exist for the {' and '.join(preview_methods())} methods", field="edit.method"
+        )
+    spec.validate()
+    kf = list(indices) if indices is not None else window_centres(inversion.n_frames, spec.keyframe_interval)
+    if not kf or any(not 0 <= k < inversion.n_frames for k in kf):
         raise SpecError(f"keyframe indices must be in 0..{inversion.n_frames - 1}")
+    prep = _prepare(model, inversion, spec, frames=kf)
+    options = _pass_options(model, inversion, spec)
     all_steps = len(inversion.edit_timesteps)
     state = TokenFlowState(mode="keyframes", frame_indices=list(kf), keyframe_interval=spec.keyframe_interval)
-    x = prep.x[kf]
+    x = prep.x
     with tokenflow_unet(model.unet, state):
         for i, t in enumerate(prep.timesteps):
             step_index = prep.step_offset + i
             state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
-            noise = _unet_branches(model, prep, inversion.source_latents[step_index][kf], x, t)
+            source = inversion.source_latents_at(step_index)[kf]
+            kpass = _keyframe_pass(model, prep, state, kf, source, x, t, options, keep_noise=True)
+            kpass.run_all()
+            noise = torch.stack([kpass.noise[p] for p in range(len(kf))], dim=1)
+            noise = noise.reshape(-1, *noise.shape[2:])
             x = _guided_step(prep, noise, t, x, spec.guidance_scale)
             state.clear()
             hooks.report("keyframes", i + 1, len(prep.timesteps), frames_done=len(kf), frames_total=len(kf))

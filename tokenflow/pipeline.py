@@ -26,12 +26,15 @@ def invert_video(
     decode: DecodeSpec,
     spec: InversionSpec,
     hooks: JobHooks = NO_HOOKS,
+    directory: str | Path | None = None,
+    scratch_parent: str | Path | None = None,
     limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> Inversion:
     """Decode (streaming), encode and invert a video file.
 
-    `limits` bound what decoding the (untrusted) video may cost; cancellation is checked on every
-    decoded frame.
+    The inversion's files go to `directory`, or to a scratch folder under `scratch_parent` that the
+    returned object owns (see `tokenflow.inversion.invert`). `limits` bound what decoding the (untrusted)
+    video may cost; cancellation is checked on every decoded frame.
     """
     decode.validate()
     spec.validate()
@@ -42,6 +45,8 @@ def invert_video(
         spec,
         fps=info.fps / decode.stride,
         hooks=hooks,
+        directory=directory,
+        scratch_parent=scratch_parent,
     )
     inversion.extra.update(
         {

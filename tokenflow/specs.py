@@ -9,6 +9,7 @@ so a field cannot drift between layers. Field names equal the proto's field name
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
 
@@ -124,6 +125,8 @@ def _check_field(section: str, f: SpecField, value: Any) -> None:
         return
     if value is None or isinstance(value, (bool, str, tuple)):
         return
+    if isinstance(value, float) and not math.isfinite(value):  # NaN compares false with any bound
+        raise SpecError(f"{name} must be a finite number, got {value}", field=name)
     lo, hi = doc.minimum, doc.maximum
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         if isinstance(value, float) or isinstance(lo, float):
@@ -383,6 +386,22 @@ class EditSpec(_Spec):
         minimum=0,
         maximum=51,
         kinds=("propagation",),
+    )
+    keyframe_attention: str = spec_field(
+        "all",
+        help="keyframes each keyframe attends to: all (the paper's; cost grows as K squared) or window:W "
+        "(the keyframes of W windows on each side; linear in the clip, equals all when W covers it)",
+        flags=("--keyframe-attention",),
+        applies="keyframes",
+    )
+    keyframe_group_size: int = spec_field(
+        0,
+        help="keyframes per UNet batch in the keyframe pass (0 = from free GPU memory; one batch on CPU); "
+        "same result, bounded activations",
+        flags=("--keyframe-group-size",),
+        minimum=0,
+        maximum=1 << 20,
+        execution=True,
     )
 
     @property

@@ -371,6 +371,8 @@ class EditSpec(_message.Message):
     KEYFRAME_SCHEDULE_FIELD_NUMBER: _builtins.int
     PROPAGATION_WEIGHTING_FIELD_NUMBER: _builtins.int
     CRF_FIELD_NUMBER: _builtins.int
+    KEYFRAME_ATTENTION_FIELD_NUMBER: _builtins.int
+    KEYFRAME_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Target prompt, e.g. "a marble sculpture of a woman running". Required unless method is RECONSTRUCT.
     At most 2000 characters.
@@ -399,6 +401,15 @@ class EditSpec(_message.Message):
     """Propagation blending. Unset = SIGMOID (matches the public code)."""
     crf: _builtins.int
     """H.264 constant rate factor of the output video (0..51, lower = better quality). Unset = 18."""
+    keyframe_attention: _builtins.str
+    """Keyframes each keyframe's extended attention sees: "all" (the paper's; cost grows as the square of
+    the keyframe count) or "window:W" (the keyframes of the W windows on each side, W >= 1: time linear
+    in the clip and memory flat; equals "all" when W covers the clip). Unset = "all".
+    """
+    keyframe_group_size: _builtins.int
+    """Keyframes per UNet batch in the keyframe pass (0 = automatic: from free GPU memory, one batch on
+    CPU). Changes only memory use, never the result. Unset = 0.
+    """
     @_builtins.property
     def keyframe_schedule(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyframeRow]:
         """Optional explicit keyframe schedule instead of seeded random draws: one row per denoising step, in
@@ -421,10 +432,12 @@ class EditSpec(_message.Message):
         keyframe_schedule: _abc.Iterable[Global___KeyframeRow] | None = ...,
         propagation_weighting: Global___PropagationWeighting.ValueType = ...,
         crf: _builtins.int | None = ...,
+        keyframe_attention: _builtins.str | None = ...,
+        keyframe_group_size: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_interval", b"keyframe_interval", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "sdedit_start", b"sdedit_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_interval", b"keyframe_interval", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "sdedit_start", b"sdedit_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_interval", b"keyframe_interval", "keyframe_schedule", b"keyframe_schedule", "method", b"method", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "prompt", b"prompt", "propagation_weighting", b"propagation_weighting", "sdedit_start", b"sdedit_start", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_group_size", b"keyframe_group_size", "keyframe_interval", b"keyframe_interval", "keyframe_schedule", b"keyframe_schedule", "method", b"method", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "prompt", b"prompt", "propagation_weighting", b"propagation_weighting", "sdedit_start", b"sdedit_start", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__chunk_size: _TypeAlias = _typing.Literal["chunk_size"]  # noqa: Y015
     _WhichOneofArgType__chunk_size: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size"]  # noqa: Y015
@@ -432,6 +445,8 @@ class EditSpec(_message.Message):
     _WhichOneofArgType__crf: _TypeAlias = _typing.Literal["_crf", b"_crf"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
+    _WhichOneofReturnType__keyframe_attention: _TypeAlias = _typing.Literal["keyframe_attention"]  # noqa: Y015
+    _WhichOneofArgType__keyframe_attention: _TypeAlias = _typing.Literal["_keyframe_attention", b"_keyframe_attention"]  # noqa: Y015
     _WhichOneofReturnType__keyframe_interval: _TypeAlias = _typing.Literal["keyframe_interval"]  # noqa: Y015
     _WhichOneofArgType__keyframe_interval: _TypeAlias = _typing.Literal["_keyframe_interval", b"_keyframe_interval"]  # noqa: Y015
     _WhichOneofReturnType__negative_prompt: _TypeAlias = _typing.Literal["negative_prompt"]  # noqa: Y015
@@ -448,6 +463,8 @@ class EditSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__crf) -> _WhichOneofReturnType__crf | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keyframe_attention) -> _WhichOneofReturnType__keyframe_attention | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__keyframe_interval) -> _WhichOneofReturnType__keyframe_interval | None: ...
     @_typing.overload
