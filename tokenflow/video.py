@@ -79,7 +79,12 @@ def _open_input(path: PathLike, limits: DecodeLimits = DEFAULT_LIMITS) -> av.con
     """
     _sniff_header(path, limits)
     try:
-        return av.open(os.fspath(path), "r", options={"max_pixels": str(limits.max_pixels_per_frame)})
+        return av.open(
+            os.fspath(path),
+            "r",
+            options={"max_pixels": str(limits.max_pixels_per_frame)},
+            metadata_errors="replace",  # tags in any bytes (a fuzzer found invalid UTF-8 crashing open)
+        )
     except _AV_ERRORS as exc:
         raise VideoError(f"cannot read {_name(path)} as a video: {_reason(exc)}") from exc
 
