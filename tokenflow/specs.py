@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import math
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
 
@@ -126,8 +125,6 @@ def _check_field(section: str, f: SpecField, value: Any) -> None:
         return
     if value is None or isinstance(value, (bool, str, tuple)):
         return
-    if isinstance(value, float) and not math.isfinite(value):  # NaN compares false with any bound
-        raise SpecError(f"{name} must be a finite number, got {value}", field=name)
     if isinstance(value, float) and not math.isfinite(value):  # NaN compares false with any bound
         raise SpecError(f"{name} must be a finite number, got {value}", field=name)
     lo, hi = doc.minimum, doc.maximum
