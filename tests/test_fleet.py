@@ -463,3 +463,33 @@ def test_a_model_still_loading_is_not_serving_until_it_is_warm(tmp_path: Path) -
         assert health(target) == NOT_SERVING and health(target, "tokenflow.v1.Editor") == NOT_SERVING
         info = server_info(target)
         assert info.draining and not info.ready and "draining" in info.not_ready_reason
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fan-out
+
+
+@pytest.mark.slow  # three edits on one tiny model: seconds on an idle machine, minutes on a loaded one
+def test_distinct_edits_run_concurrently_and_stream_per_edit(tmp_path: Path, clip_path: Path) -> None:
+    """With --edit-parallelism 2 the second edit's stage call starts before the first one's result."""
+    config = ServerConfig(
+        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "c", cache_size_bytes=1 << 30,
+        model="tiny", device="cpu", edit_parallelism=2,
+    )  # fmt: skip
+    events: list[tuple[int, str]] = []
+    with build_server(config) as running, TokenFlowClient(running.target, timeout=300) as client:
+        assert server_info(running.target).limits.edit_parallelism == 2
+        edits = [edit_spec("a cat", seed=1), edit_spec("a dog", seed=1), edit_spec("a cat", seed=1)]
+        results = client.edit(
+            clip_path,
+            edits,
+            decode=DECODE,
+            inversion=SMALL,
+            on_event=lambda e: events.append((e.edit_index, e.WhichOneof("event"))),
+        )
+    assert [r.digest for r in results][0] == results[2].digest != results[1].digest
+    assert {i for i, _ in events} == {-1, 0, 1, 2}
+    assert [i for i, kind in events if kind == "result"].count(0) == 1
+    first_result = min(events.index((i, "result")) for i in (0, 1))
+    started = {i for i, kind in events[:first_result] if kind == "progress"}
+    assert {0, 1} <= started, f"the edits ran one after the other: {events}"

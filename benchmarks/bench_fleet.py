@@ -1,0 +1,162 @@
+"""Fleet benchmark: a multi-prompt Edit on two propagation replicas against one, as a wall-time ratio.
+
+    python benchmarks/bench_fleet.py [--prompts 4 --frames 10 --size 64x64 --steps 4 --json out.json]
+
+Starts propagation replicas as real processes (`python -m services.server --services propagation` on
+127.0.0.1, 127.0.0.2, ...), all on one shared volume tier, and an Editor in this process (hosting the
+inversion and keyframes stages too) whose propagation target is ``ipv4:`` the replicas. The clip is
+inverted once before timing. Then, for 1 and for 2 replicas, one Edit with `--prompts` distinct prompts
+(fresh seeds per configuration, so nothing is a cache hit) is timed end to end through the client; the
+Editor runs the edits concurrently, one per replica (--edit-parallelism defaults to the replica count).
+
+The ratio two/one is what matters: on a machine with one accelerator per replica it approaches 0.5 for
+many prompts. On a CPU-only machine with few cores the replicas share the same cores, so the ratio mostly
+shows the fleet's overhead (two processes, gRPC hops, contention), not a speed-up: read it as such.
+Prints the machine, a table and one JSON object (also written to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec  # noqa: E402
+
+_LINE = re.compile(r"serving \S+ on (\S+):(\d+) ")
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def start_replica(
+    index: int, root: Path, shared: Path, model: str, device: str
+) -> tuple[subprocess.Popen[str], str]:
+    host = f"127.0.0.{index + 1}"
+    command = [
+        sys.executable, "-m", "services.server", "--services", "propagation", "--host", host, "--port", "0",
+        "--metrics-port", "-1", "--cache-dir", str(root / f"cache-{index}"), "--cache-size", "2GB",
+        "--shared-store", str(shared), "--model", model, "--device", device, "--log-level", "WARNING",
+    ]  # fmt: skip
+    log = open(root / f"replica-{index}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    found: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if (m := _LINE.match(line)) is not None:
+                found.append(f"{m.group(1)}:{m.group(2)}")
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(300)
+    if not found:
+        process.kill()
+        raise RuntimeError(f"replica {index} did not start; see {root / f'replica-{index}.log'}")
+    return process, found[0]
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--size", type=_size, default=(64, 64))
+    p.add_argument("--steps", type=int, default=4, help="inversion steps (edit steps: 2)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+
+    from services.config import ServerConfig
+    from services.server import build_server
+    from tokenflow.synthetic import make_clip
+
+    root = Path(tempfile.mkdtemp(prefix="tokenflow-bench-fleet-"))
+    shared = root / "shared"
+    clip = make_clip(root / "clip.mp4", frames=a.frames, size=a.size, fps=10, audio=False)
+    decode = decode_spec(size=a.size)
+    inversion = inversion_spec(steps=a.steps, edit_steps=2, reconstruct=False)
+    replicas = [start_replica(i, root, shared, a.model, a.device) for i in range(2)]
+    timings: dict[int, float] = {}
+    try:
+        for count in (1, 2):
+            target = "ipv4:" + ",".join(address for _, address in replicas[:count])
+            config = ServerConfig(
+                services="editor,inversion,keyframes", host="127.0.0.1", port=0, metrics_port=None,
+                cache_dir=root / f"editor-{count}", cache_size_bytes=2 << 30, shared_store=shared,
+                model=a.model, device=a.device, propagation_addr=target,
+            )  # fmt: skip
+            with build_server(config) as server, TokenFlowClient(server.target, timeout=3600) as client:
+                deadline = time.monotonic() + 300
+                while client.health() != "SERVING" and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                video = client.upload(clip)
+                client.invert(video, decode=decode, inversion=inversion)  # not timed (cached for both)
+                edits = [edit_spec(f"prompt {i}", seed=100 * count + i) for i in range(a.prompts)]
+                started = time.perf_counter()
+                results = client.edit(video, edits, decode=decode, inversion=inversion)
+                timings[count] = time.perf_counter() - started
+                assert len(results) == a.prompts and not any(r.cache_hit for r in results)
+    finally:
+        for process, _ in replicas:
+            process.kill()
+            process.wait(30)
+    import torch
+
+    out = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0],
+        },
+        "workload": {
+            "prompts": a.prompts,
+            "frames": a.frames,
+            "size": list(a.size),
+            "steps": a.steps,
+            "model": a.model,
+            "device": a.device,
+        },  # fmt: skip
+        "one_replica_seconds": round(timings[1], 2),
+        "two_replicas_seconds": round(timings[2], 2),
+        "ratio_two_over_one": round(timings[2] / timings[1], 3),
+    }
+    print(f"machine: {out['machine']}")
+    print(f"{'replicas':>8}  {'wall s':>8}")
+    for count in (1, 2):
+        print(f"{count:>8}  {timings[count]:>8.2f}")
+    print(f"ratio two/one: {out['ratio_two_over_one']:.3f}")
+    print(json.dumps(out))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    run()
