@@ -224,6 +224,24 @@ EDIT_FLAGS: tuple[SpecFlag, ...] = (
         choices=WEIGHTINGS,
     ),
     _edit("crf", ["--crf"], int, 18, "H.264 quality of the output (0 lossless .. 51)", minimum=0, maximum=51),
+    _edit(
+        "keyframe_attention",
+        ["--keyframe-attention"],
+        str,
+        "all",
+        "keyframes each keyframe attends to: all (the paper's; cost grows as K squared) or window:W (the "
+        "keyframes of W windows on each side; linear in the clip, equals all when W covers it)",
+    ),
+    _edit(
+        "keyframe_group_size",
+        ["--keyframe-group-size"],
+        int,
+        0,
+        "keyframes per UNet batch in the keyframe pass (0 = from free GPU memory; one batch on CPU); same "
+        "result, bounded activations",
+        minimum=0,
+        maximum=1048576,
+    ),
 )
 
 _ALL = DECODE_FLAGS + INVERSION_FLAGS + EDIT_FLAGS
