@@ -13,6 +13,13 @@ The ratio two/one is what matters: on a machine with one accelerator per replica
 many prompts. On a CPU-only machine with few cores the replicas share the same cores, so the ratio mostly
 shows the fleet's overhead (two processes, gRPC hops, contention), not a speed-up: read it as such.
 Prints the machine, a table and one JSON object (also written to --json).
+
+Measured once (2 CPU cores, no GPU, tiny preset, 4 prompts, 10 frames 64x64, 2 inversion steps, while
+other jobs kept the load average near 12): one replica 278.0 s, two replicas 120.6 s, ratio 0.434.
+That ratio is not a speed-up of the method: the two replicas' processes simply got a larger share of an
+over-subscribed CPU than one process did. On an idle 2-core machine both configurations share the same
+two cores, and the ratio shows the fleet's overhead; only one accelerator per replica turns it into a
+speed-up (towards 0.5 for many prompts).
 """
 
 from __future__ import annotations
