@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -211,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["results"] = {
         "cold_server_over_library": round(total("cold_server_s") / total("cold_library_s"), 4),
         "warm_server_over_library": round(total("warm_server_s") / total("warm_library_s"), 4),
+        # robust to a load spike that hits one measurement of one round (other jobs on the machine)
+        "cold_median_ratio": round(statistics.median(m["cold_ratio"] for m in rounds), 4),
+        "warm_median_ratio": round(statistics.median(m["warm_ratio"] for m in rounds), 4),
     }
     report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return report
@@ -237,7 +241,8 @@ def print_table(report: dict[str, Any]) -> None:
     res = report["results"]
     print(
         f"server / library over all rounds: cold {res['cold_server_over_library']:.3f}x, "
-        f"warm {res['warm_server_over_library']:.3f}x"
+        f"warm {res['warm_server_over_library']:.3f}x; median of the rounds' ratios: "
+        f"cold {res['cold_median_ratio']:.3f}x, warm {res['warm_median_ratio']:.3f}x"
     )
 
 
