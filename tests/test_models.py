@@ -1,4 +1,4 @@
-"""Model presets and local folders: fingerprints, errors, the parity fixture's model (DESIGN.md §5)."""
+"""Model presets and local folders: fingerprints, errors, the parity fixture's model."""
 
 from __future__ import annotations
 

@@ -74,9 +74,7 @@ def artifact_key(kind: str, identity: Mapping[str, Any]) -> str:
 
 
 def _determining(spec: Any) -> dict[str, Any]:
-    return {
-        f.name: getattr(spec, f.name) for f in spec_fields(type(spec)) if not f.doc.execution
-    }
+    return {f.name: getattr(spec, f.name) for f in spec_fields(type(spec)) if not f.doc.execution}
 
 
 def decode_identity(decode: DecodeSpec) -> dict[str, Any]:

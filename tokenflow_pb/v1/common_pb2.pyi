@@ -102,7 +102,7 @@ class _ArtifactKind:
 class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArtifactKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ARTIFACT_KIND_UNSPECIFIED: _ArtifactKind.ValueType  # 0
-    """Not set (never the kind of a stored artifact; in Artifacts.List: every kind)."""
+    """Not set (never the kind of a stored artifact)."""
     ARTIFACT_KIND_VIDEO: _ArtifactKind.ValueType  # 1
     """An uploaded source video (Artifacts.Upload)."""
     ARTIFACT_KIND_INVERSION: _ArtifactKind.ValueType  # 2
@@ -116,7 +116,7 @@ class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """Kind of a stored artifact."""
 
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind.ValueType  # 0
-"""Not set (never the kind of a stored artifact; in Artifacts.List: every kind)."""
+"""Not set (never the kind of a stored artifact)."""
 ARTIFACT_KIND_VIDEO: ArtifactKind.ValueType  # 1
 """An uploaded source video (Artifacts.Upload)."""
 ARTIFACT_KIND_INVERSION: ArtifactKind.ValueType  # 2
