@@ -1,4 +1,4 @@
-"""TokenFlow's mechanics on the tiny preset (DESIGN.md §2, §6): real UNet, real processors, no mocks.
+"""TokenFlow's mechanics on the tiny preset (docs/ARCHITECTURE.md): real UNet, real processors, no mocks.
 
 - one keyframe: extended attention == ordinary attention (UNet and processor level);
 - identical source frames: propagation copies the keyframe's recorded outputs exactly;

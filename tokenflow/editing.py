@@ -1,6 +1,6 @@
 """The editing loops: TokenFlow + PnP, SDEdit-TokenFlow, per-frame PnP and reconstruction.
 
-Per denoising step t (TokenFlow, DESIGN.md §2): draw keyframes; run the UNet on the keyframes
+Per denoising step t (docs/ARCHITECTURE.md): draw keyframes; run the UNet on the keyframes
 with extended attention and record every self-attention output (the latents it would produce
 are discarded); run it on all frames in chunks with self-attention replaced by nearest-
 neighbour propagation of the recorded outputs; classifier-free guidance and one DDIM step.
