@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
+from services.logging_setup import job_context
 from tokenflow.errors import Cancelled, ModelError, SpecError, TooLargeError, VideoError
 from tokenflow.threads import release_openmp_team
 
@@ -459,7 +460,8 @@ class JobManager:
                 job.state = JobState.RUNNING
                 job.started = time.monotonic()
                 self._publish_queue_positions()
-            self._run(job)
+            with job_context(job.id):  # every line logged while it runs carries its id
+                self._run(job)
             with self._cond:
                 self._running -= 1
                 if self._jobs.get(job.id) is job:

@@ -313,3 +313,24 @@ def test_every_known_series_exists_at_start(tmp_path: Path) -> None:
     assert ("tokenflow_requests_total", upload) in series
     handled = [s for s in series if s[0] == "grpc_server_handled_total" and ("grpc_method", "Invert") in s[1]]
     assert handled, "grpc_server_handled_total for Inversion.Invert"
+
+
+def test_lines_logged_inside_a_job_carry_its_id() -> None:
+    from services.jobs import JobManager
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(JobIdFilter())
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("tokenflow.test.jobs")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    manager = JobManager("inversion", max_queue=1, workers=1, grace_seconds=1.0)
+    try:
+        job = manager.submit("cd" * 32, lambda ctx: log.info("inverting") or "done")
+        assert job.wait(30) == "done"
+    finally:
+        manager.shutdown(0)
+        log.removeHandler(handler)
+    (line,) = (json.loads(x) for x in stream.getvalue().splitlines())
+    assert line["message"] == "inverting" and line["job_id"] == "cd" * 32
