@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import services.store as store_package
 from services.store import (
-    SCHEMA_VERSION,
     ArtifactStore,
     CorruptArtifact,
     WrongArtifactKind,
@@ -32,6 +31,7 @@ from services.store import (
 )
 from services.store.local import RawOnlyDisk
 from tokenflow.errors import SpecError, TooLargeError
+from tokenflow.keys import KEY_SCHEMA
 from tokenflow.specs import EditSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,12 +81,12 @@ def test_key_is_stable_and_canonical() -> None:
     spec = {"prompt": "a marble statue — 大理石", "guidance_scale": 7.5, "steps": 50, "size": [512, 512]}
     key = artifact_key("inversion", spec)
     # Pinned value: changing it silently would orphan every cached artifact.
-    expected_bytes = canonical_json({"kind": "inversion", "v": SCHEMA_VERSION, **spec})
+    expected_bytes = canonical_json({"kind": "inversion", "v": KEY_SCHEMA, **spec})
     assert (
         expected_bytes
         == (
             '{"guidance_scale":7.5,"kind":"inversion","prompt":"a marble statue — 大理石","size":[512,512],'
-            '"steps":50,"v":1}'
+            '"steps":50,"v":2}'
         ).encode()
     )
     assert key == hashlib.sha256(expected_bytes).hexdigest()
@@ -98,7 +98,7 @@ def test_key_is_stable_and_canonical() -> None:
 
 def test_key_pinned_value() -> None:
     assert artifact_key("test", {"label": "a"}) == (
-        "c64f583933393b4419eeadea8f75678fa5112fc585351dff0f6f972c12460195"
+        "71e6426c8233dc38883dee262bc658865e0620868f411b44478699a30383892c"
     )
 
 

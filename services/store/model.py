@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from tokenflow.errors import SpecError
+from tokenflow.keys import artifact_key as identity_key
+from tokenflow.keys import canonical_json  # noqa: F401 - re-exported: the store's callers use it
 
 SCHEMA_VERSION = 1
 """Part of every artifact key: bump it when the layout or meaning of any artifact changes."""
@@ -67,46 +68,13 @@ class TierUnavailable(OSError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Keys
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Canonical UTF-8 JSON: sorted keys, no whitespace, no NaN/inf, tuples as lists.
-
-    Floats are written with Python's shortest round-trip repr (stable across platforms and runs), and a
-    float with an integral value is written as the integer (``7.0`` and ``7`` mean the same setting, so
-    they must name the same artifact).
-    """
-    return json.dumps(
-        _normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
-
-
-def _normalise(obj: Any) -> Any:
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise ValueError(f"cannot put a non-finite float ({obj}) in an artifact key")
-        return int(obj) if obj.is_integer() and abs(obj) < 2**53 else obj
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"artifact key dicts need str keys, got {k!r}")
-            out[k] = _normalise(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_normalise(v) for v in obj]
-    raise TypeError(f"cannot put a {type(obj).__name__} in an artifact key")
+# Keys (the encoding and hashing live in tokenflow.keys, next to the identities they hash)
 
 
 def artifact_key(kind: str, canonical: Mapping[str, Any]) -> str:
-    """Content address of an artifact: sha256 hex of ``{"kind", "v": SCHEMA_VERSION, **canonical}``."""
+    """Content address of an artifact of `kind` (checked to be a storable kind name): `tokenflow.keys`."""
     check_kind(kind)
-    if "kind" in canonical or "v" in canonical:
-        raise ValueError("canonical dict must not contain the reserved fields 'kind' or 'v'")
-    return hashlib.sha256(canonical_json({"kind": kind, "v": SCHEMA_VERSION, **canonical})).hexdigest()
+    return identity_key(kind, canonical)
 
 
 def is_digest(value: str) -> bool:
