@@ -8,10 +8,6 @@ and the stages as separate OS processes sharing one cache directory.
 from __future__ import annotations
 
 import hashlib
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import ServeProcess
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from services.editor import EditorServicer, add_to_server, canonical_edit
@@ -451,67 +448,6 @@ def test_single_process_edits_share_one_inversion(tmp_path: Path, clip: Path) ->
             run_edit_flow(client, clip, tmp_path, server.metrics_port, server.metrics_port)
     finally:
         server.stop(grace=0)
-
-
-class ServeProcess:
-    """`tokenflow serve` as a separate OS process; learns its ports from the start-up line."""
-
-    LINE = re.compile(r"^serving (\S+) on (\S+):(\d+) \((?:metrics :(\d+)|metrics off)\)")
-
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tokenflow.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self.port = 0
-        self.metrics_port: int | None = None
-
-    def wait_serving(self, timeout: float = 120.0) -> None:
-        """Read stdout until the `serving ... on host:port` line (on a thread, so a hang cannot block us)."""
-        lines: list[str] = []
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                lines.append(line)
-                if self.LINE.match(line):
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        match = self.LINE.match(lines[-1]) if lines else None
-        if match is None:
-            raise AssertionError(f"{self.name} did not start: {lines} / {self.log_path.read_text()[-3000:]}")
-        self.port = int(match.group(3))
-        self.metrics_port = int(match.group(4)) if match.group(4) else None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            raise AssertionError(f"{self.name} did not exit within {timeout} s of SIGTERM") from None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self._log.close()
 
 
 def test_stages_as_separate_processes_share_one_cache(tmp_path: Path, clip: Path) -> None:

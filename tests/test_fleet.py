@@ -11,11 +11,6 @@ the truth while a model loads or when it cannot load. Tiny preset, 64x64 clip, a
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import SERVICES_SERVER, ServeProcess
 
 from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients import channels as client_channels
@@ -86,60 +82,18 @@ def server_info(target: str) -> server_info_pb2.GetServerInfoResponse:
         return stub.GetServerInfo(server_info_pb2.GetServerInfoRequest(), timeout=10)
 
 
-class Replica:
-    """`python -m services.server` in a subprocess; knows its gRPC and metrics ports once started."""
-
-    LINE = re.compile(r"serving (\S+) on (\S+):(\d+) \((?:metrics :(\d+)|metrics off)\)")
+class Replica(ServeProcess):
+    """`python -m services.server` on one loopback address; its metrics scraped as parsed samples."""
 
     def __init__(self, name: str, host: str, args: list[str], log_dir: Path) -> None:
-        self.name, self.host = name, host
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        command = [sys.executable, "-m", "services.server", "--host", host, "--port", "0", *args]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=ROOT
-        )
-        self.port = 0
-        self.metrics_port = 0
+        super().__init__(name, args, log_dir, host=host, entry=SERVICES_SERVER)
 
     def wait_started(self, timeout: float = 120.0) -> Replica:
-        lines: list[str] = []
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                lines.append(line)
-                if self.LINE.match(line):
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        match = self.LINE.match(lines[-1]) if lines else None
-        if match is None:
-            raise AssertionError(f"{self.name} did not start: {lines} / {self.log_path.read_text()[-3000:]}")
-        self.port = int(match.group(3))
-        self.metrics_port = int(match.group(4) or 0)
+        self.wait_serving(timeout)
         return self
 
-    @property
-    def target(self) -> str:
-        return f"{self.host}:{self.port}"
-
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return scrape(self.host, self.metrics_port)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def close(self) -> None:
-        self.kill()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self._log.close()
+        return scrape(self.host, self.metrics_port or 0)
 
 
 def replica_args(cache: Path, shared: Path, *extra: str) -> list[str]:
