@@ -103,7 +103,7 @@ def test_key_pinned_value() -> None:
 
 
 def test_key_is_sensitive_to_every_field() -> None:
-    base = EditSpec(prompt="a cat").canonical()
+    base = EditSpec(prompt="a cat").to_dict()
     k0 = artifact_key("propagation", base)
     seen = {k0}
     for field_name, new in [

@@ -148,9 +148,6 @@ def _reconstruct_step(model: Model, prep: _Prepared, x: torch.Tensor, t: int) ->
     return prep.scheduler.step(noise, t, x).prev_sample
 
 
-keyframe_schedule = resolve_schedule  # the name earlier callers use
-
-
 def _pass_options(model: Model, inversion: Inversion, spec: EditSpec) -> tuple[int | None, int | None]:
     """(window or None for all, keyframes per UNet batch or None for one batch) of this edit."""
     window = parse_keyframe_attention(spec.keyframe_attention)

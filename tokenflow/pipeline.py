@@ -50,7 +50,7 @@ def invert_video(
     )
     inversion.extra.update(
         {
-            "decode": decode.canonical(),
+            "decode": decode.to_dict(),
             "source_fps": [info.fps.numerator, info.fps.denominator],
             "audio_start": decode.start / float(info.fps) if info.fps else 0.0,
             "source_has_audio": info.has_audio,

@@ -104,8 +104,6 @@ class _Spec:
         """
         return {f.name: _jsonable(getattr(self, f.name)) for f in spec_fields(type(self))}
 
-    canonical = to_dict  # the name earlier callers use for the recorded spec
-
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
