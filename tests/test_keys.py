@@ -118,6 +118,13 @@ def test_keys_use_what_the_computation_uses() -> None:
     assert _key("propagation", base.replace(guidance_scale=7.0)) == _key(
         "propagation", base.replace(guidance_scale=7)
     )
+    # A window covering every keyframe (3 of them: W >= 2) computes `all`, and spellings are one setting.
+    assert _key("propagation", base.replace(keyframe_attention="window:2")) == _key("propagation", base)
+    assert _key("propagation", base.replace(keyframe_attention="window:50")) == _key("propagation", base)
+    assert _key("propagation", base.replace(keyframe_attention=" All ")) == _key("propagation", base)
+    assert _key("propagation", base.replace(keyframe_attention="WINDOW:1")) == _key(
+        "propagation", base.replace(keyframe_attention="window:1")
+    )
     # The inversion and the model always determine an edit.
     assert edit_key("propagation", "b" * 64, base, MODEL, N_FRAMES, STEPS) != _key("propagation", base)
     assert edit_key("propagation", INV, base, "e" * 64, N_FRAMES, STEPS) != _key("propagation", base)

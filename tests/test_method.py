@@ -909,6 +909,9 @@ def test_windowed_keyframe_attention(tiny_model: Model, small_inversion: Inversi
     )
     assert _rel(grouped.latents, narrow) <= 1e-5
     for bad in ("some", "window:0", "window:x", "window:"):
+        # Refused when the spec is validated, before any work (the services validate on arrival).
+        with pytest.raises(SpecError, match="keyframe_attention"):
+            spec.replace(keyframe_attention=bad).validate()
         with pytest.raises(SpecError, match="keyframe_attention"):
             edit(tiny_model, small_inversion, spec.replace(keyframe_attention=bad))
 

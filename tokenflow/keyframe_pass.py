@@ -34,30 +34,12 @@ import torch
 
 from tokenflow.attention import Lockstep, TokenFlowState
 from tokenflow.errors import SpecError
+from tokenflow.specs import parse_keyframe_attention  # noqa: F401 - declared beside its field; editing uses it
 
 log = logging.getLogger(__name__)
 
-ALL = "all"
 SLOW_ALL_KEYFRAMES = 256
 """From this many keyframes on, `all` warns: its attention cost (K² token pairs) dominates the step."""
-
-
-def parse_keyframe_attention(value: str) -> int | None:
-    """``all`` -> None; ``window:W`` (W >= 1) -> W. SpecError otherwise."""
-    text = str(value).strip().lower()
-    if text == ALL:
-        return None
-    if text.startswith("window:"):
-        try:
-            w = int(text.removeprefix("window:"))
-        except ValueError:
-            w = 0
-        if w >= 1:
-            return w
-    raise SpecError(
-        f"keyframe_attention must be 'all' or 'window:W' with W >= 1, got {value!r}",
-        field="edit.keyframe_attention",
-    )
 
 
 def contexts(k: int, window: int | None) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenflow.methods import method
-from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec, spec_fields
+from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec, keyframe_attention_identity, spec_fields
 
 KEY_SCHEMA = 2
 """Bumped whenever an identity's encoding changes, so old entries are never mistaken for new ones.
@@ -132,6 +132,10 @@ def edit_identity(
     if "pnp_attn_t" in fields:
         fields["pnp_attn_t"] = int(edit_steps * spec.pnp_attn_t)
         fields["pnp_f_t"] = int(edit_steps * spec.pnp_f_t)
+    if "keyframe_attention" in fields:
+        fields["keyframe_attention"] = keyframe_attention_identity(
+            spec.keyframe_attention, n_frames, spec.keyframe_interval
+        )
     skipped, steps = run_steps(spec, edit_steps)
     if "sdedit_start" in fields:
         fields["sdedit_start"] = skipped

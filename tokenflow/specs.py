@@ -411,6 +411,38 @@ class EditSpec(_Spec):
             _check_prompt(self.prompt, "edit.prompt", allow_empty=False)
         if self.keyframe_schedule is not None:
             _check_schedule_shape(self.keyframe_schedule)
+        parse_keyframe_attention(self.keyframe_attention)
+
+
+KEYFRAME_ATTENTION_ALL = "all"
+
+
+def parse_keyframe_attention(value: str) -> int | None:
+    """``all`` -> None; ``window:W`` (W >= 1) -> W; SpecError otherwise (at validation, not mid-edit)."""
+    text = str(value).strip().lower()
+    if text == KEYFRAME_ATTENTION_ALL:
+        return None
+    if text.startswith("window:"):
+        try:
+            w = int(text.removeprefix("window:"))
+        except ValueError:
+            w = 0
+        if 1 <= w <= MAX_FRAMES:
+            return w
+    raise SpecError(
+        f"keyframe_attention must be 'all' or 'window:W' with 1 <= W <= {MAX_FRAMES}, got {value!r}",
+        field="edit.keyframe_attention",
+    )
+
+
+def keyframe_attention_identity(value: str, n_frames: int, interval: int) -> str:
+    """The canonical spelling of what `value` computes on a clip of `n_frames`: a window that covers
+    every keyframe (W >= K-1) computes exactly ``all``, so it is ``all``; otherwise ``window:W``."""
+    window = parse_keyframe_attention(value)
+    keyframes = -(-n_frames // interval)
+    if window is None or window >= keyframes - 1:
+        return KEYFRAME_ATTENTION_ALL
+    return f"window:{window}"
 
 
 MAX_SCHEDULE_ENTRIES = 1000 * 1024
