@@ -111,7 +111,7 @@ def duration(seconds: float) -> duration_pb2.Duration:
 # ----------------------------------------------------------------------------------------------------------
 # progress: a job's progress dict (proto field names, seconds as floats, strings for enums) -> Progress
 
-_SECONDS_FIELDS = {"eta_seconds": "eta", "elapsed_seconds": "elapsed"}
+_SECONDS_FIELDS = {"eta_seconds": "eta", "elapsed_seconds": "elapsed", "step_seconds": "step_time"}
 _ENUM_FIELDS = {"stage": common_pb2.Stage, "phase": common_pb2.Phase}
 _PROGRESS_FIELDS = frozenset(common_pb2.Progress.DESCRIPTOR.fields_by_name) - {"job_id"}
 

@@ -70,9 +70,10 @@ class JobProgress:
             self._phase = phase
         self._count(phase, event)
         elapsed = time.monotonic() - self._t0
+        weight = self._weights.get(phase, 0.0)
         fraction = self._done_weight
         if event.total:
-            fraction += self._weights.get(phase, 0.0) * min(1.0, event.step / event.total)
+            fraction += weight * min(1.0, event.step / event.total)
         data: dict[str, Any] = {
             "stage": self._stage,
             "phase": phase,
@@ -83,9 +84,30 @@ class JobProgress:
             "elapsed_seconds": elapsed,
             "message": event.message,
         }
-        if 0.01 <= fraction < 1.0:
-            data["eta_seconds"] = elapsed * (1.0 - fraction) / fraction
+        if event.seconds_per_step is not None:
+            data["step_seconds"] = event.seconds_per_step
+        eta = self._eta(event, weight, fraction, elapsed)
+        if eta is not None:
+            data["eta_seconds"] = eta
         self._ctx.report(data)
+
+    def _eta(self, event: LibraryProgress, weight: float, fraction: float, elapsed: float) -> float | None:
+        """Time left in the job: this phase's rest at its measured step rate, later phases scaled from it.
+
+        The library measures each phase's seconds per step over its last few progress points, so the
+        estimate follows the current speed over a long job (a slow first step, a neighbour's load)
+        rather than the average since the start. Phases still to come are estimated from the current
+        phase's measured time per unit of weight. Before a rate exists: elapsed time extrapolated over
+        the job's fraction done.
+        """
+        measured = event.eta_seconds is not None and event.seconds_per_step is not None
+        if measured and event.total and weight > 0:
+            phase_seconds = event.seconds_per_step * event.total
+            later = max(0.0, 1.0 - self._done_weight - weight)
+            return event.eta_seconds + later * phase_seconds / weight
+        if 0.01 <= fraction < 1.0:
+            return elapsed * (1.0 - fraction) / fraction
+        return None
 
     def _count(self, phase: str, event: LibraryProgress) -> None:
         if phase in _STEP_PHASES:

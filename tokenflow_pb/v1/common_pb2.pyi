@@ -532,6 +532,7 @@ class Progress(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     ELAPSED_FIELD_NUMBER: _builtins.int
+    STEP_TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id: equals the digest of the artifact the job produces."""
     stage: Global___Stage.ValueType
@@ -558,6 +559,10 @@ class Progress(_message.Message):
     def elapsed(self) -> _duration_pb2.Duration:
         """Time since the job's computation started (unset while queued)."""
 
+    @_builtins.property
+    def step_time(self) -> _duration_pb2.Duration:
+        """Measured time per step of the phase, over its last few steps (unset until measurable)."""
+
     def __init__(
         self,
         *,
@@ -573,10 +578,11 @@ class Progress(_message.Message):
         message: _builtins.str = ...,
         queue_position: _builtins.int = ...,
         elapsed: _duration_pb2.Duration | None = ...,
+        step_time: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "eta", b"eta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "eta", b"eta", "step_time", b"step_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "elapsed", b"elapsed", "eta", b"eta", "frames_done", b"frames_done", "frames_total", b"frames_total", "job_id", b"job_id", "message", b"message", "phase", b"phase", "queue_position", b"queue_position", "stage", b"stage", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "elapsed", b"elapsed", "eta", b"eta", "frames_done", b"frames_done", "frames_total", b"frames_total", "job_id", b"job_id", "message", b"message", "phase", b"phase", "queue_position", b"queue_position", "stage", b"stage", "step", b"step", "step_time", b"step_time", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
