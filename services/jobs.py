@@ -126,6 +126,15 @@ class JobContext:
         """Publish a progress event to every subscriber (replaces the previous one for late joiners)."""
         self._job._publish(dict(progress))
 
+    @property
+    def latest_progress(self) -> dict[str, Any] | None:
+        """The last progress published (what a lease heartbeat carries to other replicas)."""
+        return self._job.latest_progress
+
+    def cancel(self, reason: str) -> None:
+        """Cancel this job for every caller (a cancel request that reached another replica)."""
+        self._job.cancel(reason)
+
 
 class Job(Generic[R]):
     """One computation, shared by every caller that asked for the same id."""
