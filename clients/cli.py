@@ -351,6 +351,20 @@ def cmd_cancel(client: TokenFlowClient, a: argparse.Namespace, progress: Progres
     return {"cancelled": response.cancelled, "message": response.message}
 
 
+def cmd_operation(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """google.longrunning operations: any replica answers for any job."""
+    if a.action == "list":
+        ops = list(client.list_operations(filter=a.filter))
+        return {"operations": [json_format.MessageToDict(op) for op in ops]}
+    if not a.name:
+        raise SystemExit(f"tokenflow-client operation {a.action}: give the operation name or job id")
+    if a.action == "cancel":
+        client.cancel_operation(a.name)
+        return {"cancelled": a.name}
+    op = client.wait_operation(a.name, wait=a.wait) if a.action == "wait" else client.get_operation(a.name)
+    return json_format.MessageToDict(op)
+
+
 def cmd_info(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """ServerInfo: version, services and readiness (with the reason), model, limits, store tiers."""
     stub = server_info_pb2_grpc.ServerInfoStub(client.channel)
@@ -439,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("job_id", metavar="JOB_ID")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("operation", help="get, wait for, list or cancel jobs on any replica (operations)")
+    p.add_argument("action", choices=("get", "wait", "list", "cancel"))
+    p.add_argument("name", nargs="?", default="", help="operations/DIGEST or the job id (not for list)")
+    p.add_argument("--wait", type=float, default=60.0, help="wait: seconds to wait at most (default 60)")
+    p.add_argument("--filter", default="", help='list: "done = true" or "done = false" (default: all)')
+    p.set_defaults(func=cmd_operation)
 
     p = sub.add_parser(
         "info", help="describe the server: version, readiness and why not, model, limits, store"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import grpc
+from google.longrunning import operations_pb2_grpc, operations_proto_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -42,6 +43,7 @@ from tokenflow_pb.v1 import (
     propagation_pb2_grpc,
     server_info_pb2,
 )
+from tokenflow_pb.v1 import operations_pb2 as _operations_pb2  # registers OperationMetadata for Any
 
 __all__ = [
     "CHUNK_SIZE",
@@ -338,6 +340,7 @@ class TokenFlowClient:
         self._propagation = propagation_pb2_grpc.PropagationStub(self.channel)
         self._editor = editor_pb2_grpc.EditorStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._operations = operations_pb2_grpc.OperationsStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -624,6 +627,47 @@ class TokenFlowClient:
             return video
         return self.upload(video, timeout=timeout)
 
+    # -- Operations (google.longrunning): any replica answers for any job of the fleet -------------------
+
+    def get_operation(self, name: str, timeout: float | None = None) -> operations_proto_pb2.Operation:
+        """The job's operation: `name` is ``operations/<digest>`` or the digest (Progress.job_id)."""
+        request = operations_proto_pb2.GetOperationRequest(name=operation_name(name))
+        with _translate_errors():
+            return self._operations.GetOperation(request, timeout=self._timeout(timeout))
+
+    def wait_operation(
+        self, name: str, wait: float = 60.0, timeout: float | None = None
+    ) -> operations_proto_pb2.Operation:
+        """Block until the operation is done or `wait` seconds passed (the server caps it at 600 s);
+        returns it either way (check `done`). Polling backends use this instead of holding a stream."""
+        request = operations_proto_pb2.WaitOperationRequest(name=operation_name(name))
+        request.timeout.FromNanoseconds(int(wait * 1e9))
+        with _translate_errors():
+            return self._operations.WaitOperation(request, timeout=timeout or wait + 30)
+
+    def list_operations(
+        self, filter: str = "", page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[operations_proto_pb2.Operation]:
+        """Every operation the fleet knows (running, and finished within the last hour), page by page;
+        `filter` is "", "done = true" or "done = false"."""
+        token = ""
+        while True:
+            request = operations_proto_pb2.ListOperationsRequest(
+                name="operations", filter=filter, page_size=page_size, page_token=token
+            )
+            with _translate_errors():
+                response = self._operations.ListOperations(request, timeout=self._timeout(timeout))
+            yield from response.operations
+            token = response.next_page_token
+            if not token:
+                return
+
+    def cancel_operation(self, name: str, timeout: float | None = None) -> None:
+        """Cancel the job on whichever replica runs it (and every replica waiting for it)."""
+        request = operations_proto_pb2.CancelOperationRequest(name=operation_name(name))
+        with _translate_errors():
+            self._operations.CancelOperation(request, timeout=self._timeout(timeout))
+
     # -- Health --------------------------------------------------------------------------------------------
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -669,6 +713,30 @@ def _run_job(
     if result is None:
         raise ClientError(grpc.StatusCode.INTERNAL, "the job stream ended without a result")
     return result
+
+
+def operation_name(name_or_digest: str) -> str:
+    """``operations/<digest>`` for a digest (a job id), or the name unchanged."""
+    return name_or_digest if name_or_digest.startswith("operations/") else f"operations/{name_or_digest}"
+
+
+def operation_result(op: operations_proto_pb2.Operation) -> common_pb2.Result | None:
+    """The Result of a done, successful operation; None while it runs. Raises ClientError if it failed."""
+    if not op.done:
+        return None
+    if op.HasField("error"):
+        code = next((c for c in grpc.StatusCode if c.value[0] == op.error.code), grpc.StatusCode.UNKNOWN)
+        raise ClientError(code, op.error.message)
+    result = common_pb2.Result()
+    op.response.Unpack(result)
+    return result
+
+
+def operation_metadata(op: operations_proto_pb2.Operation) -> _operations_pb2.OperationMetadata:
+    """The job's stage, latest progress, holder and attempt."""
+    metadata = _operations_pb2.OperationMetadata()
+    op.metadata.Unpack(metadata)
+    return metadata
 
 
 def _as_edit(edit: str | common_pb2.EditSpec) -> common_pb2.EditSpec:

@@ -130,6 +130,14 @@ class ServerConfig:
     """Editor: distinct edits of one request run at once; None = one per propagation replica (1 embedded)."""
     stage_wait_seconds: float = 30.0
     """Editor: how long a stage call waits for a SERVING replica (wait-for-ready, bounded)."""
+    lease_seconds: float = 30.0
+    """A running job's lease in the shared tier expires when not renewed for this long; then a replica
+    waiting for the same job takes it over (services/store/lease.py). Heartbeats every quarter of it."""
+    inversion_shards: int = 1
+    """Editor: split an inversion into this many frame ranges over the inversion replicas (1 = never)."""
+    inversion_shard_frames: int = 0
+    """Editor: with inversion_shards 1, shard automatically (one range per inversion replica) from this
+    many frames on; 0 = never."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", parse_services(self.services))
@@ -166,6 +174,10 @@ class ServerConfig:
             raise ValueError(f"--edit-parallelism must be >= 1 (0 = automatic), got {self.edit_parallelism}")
         if not self.stage_wait_seconds > 0:
             raise ValueError(f"--stage-wait-seconds must be > 0, got {self.stage_wait_seconds}")
+        if not (self.lease_seconds > 0 and math.isfinite(self.lease_seconds)):
+            raise ValueError(f"--lease-seconds must be > 0, got {self.lease_seconds}")
+        if self.inversion_shards < 1 or self.inversion_shard_frames < 0:
+            raise ValueError("--inversion-shards must be >= 1 and --inversion-shard-frames >= 0")
         if self.max_upload_bytes <= 0:
             raise ValueError("--max-upload-bytes must be positive")
         if self.max_workers < 8:
@@ -293,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="editor: how long a stage call waits for a serving replica before failing (default 30)",
     )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="a running job's lease expires after this long without a heartbeat; then another replica "
+        "takes the job over (default 30)",
+    )
+    p.add_argument(
+        "--inversion-shards",
+        type=int,
+        default=1,
+        help="editor: split each inversion into N frame ranges over the inversion replicas (default 1)",
+    )
+    p.add_argument(
+        "--inversion-shard-frames",
+        type=int,
+        default=0,
+        help="editor: shard inversions of at least this many frames, one range per inversion replica "
+        "(default 0 = never)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
         "--log-format",
@@ -370,4 +402,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
         edit_parallelism=args.edit_parallelism or None,
         stage_wait_seconds=args.stage_wait_seconds,
+        lease_seconds=args.lease_seconds,
+        inversion_shards=args.inversion_shards,
+        inversion_shard_frames=args.inversion_shard_frames,
     )

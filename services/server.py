@@ -253,6 +253,10 @@ def build_server(
                     add(server, stage)
                     stages[name] = stage
                     names.append(cls.service_name)
+        from services import operations  # jobs under leases; any replica answers for any job
+
+        holder = f"{os.uname().nodename} (port {port}, pid {os.getpid()})"
+        names.append(operations.install(server, store, stages, holder, config.lease_seconds))
 
         running = RunningServer(
             config=config,

@@ -76,9 +76,11 @@ def test_write_order_fsyncs_and_layout(tmp_path: Path, monkeypatch: pytest.Monke
     assert (
         events
         == [
+            "fsync dir sha256",  # a new bucket directory is itself made durable
             "fsync tmp",  # the blob's bytes, before anything names them
             "rename -> sha256",
             f"fsync dir {sha[:2]}",  # the blob directory, after the rename
+            "fsync dir manifests",
             "fsync tmp",  # the manifest's bytes
             "link -> manifests",  # conditional create
             f"fsync dir {key[:2]}",

@@ -32,9 +32,10 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 from services.store.artifact import Artifact
@@ -44,11 +45,13 @@ from services.store.model import (
     ArtifactNotFound,
     CorruptArtifact,
     Manifest,
+    StoreFull,
     TierUnavailable,
     WrongArtifactKind,
     check_file_name,
     check_key,
     check_kind,
+    is_disk_full,
 )
 from services.store.tier import (
     PruneReport,
@@ -67,6 +70,16 @@ log = logging.getLogger(__name__)
 DEFAULT_PRUNE_INTERVAL = 600.0
 DEFAULT_PRUNE_GRACE = 3600.0
 DEFAULT_SHARED_TOUCH_INTERVAL = 3600.0
+DEFAULT_MAINTENANCE_INTERVAL = 60.0
+"""Seconds between maintenance passes: scratch sweep, expired orphans, a write probe."""
+DEFAULT_SCRATCH_TTL = 6 * 3600.0
+"""Stray scratch entries (no live owner to tell) older than this are swept."""
+UNWRITABLE_PROBE_INTERVAL = 2.0
+"""While the store cannot write, how often it probes (health turns SERVING again this soon)."""
+FULL_MESSAGE = (
+    "the artifact store is out of disk space; it evicted what it could and nothing partial was kept. "
+    "Retry later, or raise the disk or lower --cache-size below the free space"
+)
 
 
 def make_shared_tier(
@@ -105,6 +118,8 @@ class ArtifactStore:
         shared_touch_interval: float = DEFAULT_SHARED_TOUCH_INTERVAL,
         prune_interval: float | None = DEFAULT_PRUNE_INTERVAL,
         prune_grace: float = DEFAULT_PRUNE_GRACE,
+        maintenance_interval: float | None = DEFAULT_MAINTENANCE_INTERVAL,
+        scratch_ttl: float = DEFAULT_SCRATCH_TTL,
     ) -> None:
         if shared is not None and shared_dir is not None:
             raise ValueError("pass either shared_dir or shared, not both")
@@ -128,6 +143,23 @@ class ArtifactStore:
             )
             self._pruner.start()
         self._set_bytes_gauge(self.local.total_bytes())  # right after a restart, not after the first put
+        self.scratch_ttl = float(scratch_ttl)
+        self._write_error: str | None = None
+        self._health_lock = threading.Lock()
+        self._health_listeners: list[Callable[[str], None]] = []
+        self._set_gauge("store_writable", 1)
+        swept = self.sweep_scratch()  # a killed process's uploads and job scratch
+        if swept:
+            log.info("swept %d scratch entries left by processes that died", swept)
+        self._maintainer: threading.Thread | None = None
+        if maintenance_interval:
+            self._maintainer = threading.Thread(
+                target=self._maintain_loop,
+                args=(float(maintenance_interval),),
+                name="store-maintenance",
+                daemon=True,
+            )
+            self._maintainer.start()
 
     @property
     def tiers(self) -> dict[str, str]:
@@ -145,9 +177,115 @@ class ArtifactStore:
             counter.labels(kind=kind).inc(amount)
 
     def _set_bytes_gauge(self, total: int) -> None:
-        gauge = getattr(self.metrics, "cache_bytes", None) if self.metrics is not None else None
+        self._set_gauge("cache_bytes", total)
+
+    def _set_gauge(self, attr: str, value: float) -> None:
+        gauge = getattr(self.metrics, attr, None) if self.metrics is not None else None
         if gauge is not None:
-            gauge.set(total)
+            gauge.set(value)
+
+    # -- health: can the store write? ----------------------------------------------------------------------
+
+    @property
+    def write_error(self) -> str | None:
+        """Why the store cannot write now (None = it can); health reports it as NOT_SERVING."""
+        return self._write_error
+
+    def add_health_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` now and whenever writability changes ("" = the store can write)."""
+        with self._health_lock:
+            self._health_listeners.append(listener)
+            reason = self._write_error or ""
+        listener(reason)
+
+    def _set_write_error(self, reason: str | None) -> None:
+        with self._health_lock:
+            if reason == self._write_error:
+                return
+            self._write_error = reason
+            listeners = list(self._health_listeners)
+        if reason is None:
+            log.info("the artifact store can write again")
+        else:
+            log.error("the artifact store cannot write: %s", reason)
+            counter = getattr(self.metrics, "store_write_failures_total", None) if self.metrics else None
+            if counter is not None:
+                counter.inc()
+        self._set_gauge("store_writable", 0 if reason else 1)
+        for listener in listeners:
+            listener(reason or "")
+
+    def check_writable(self) -> bool:
+        """Probe a write now (file + index); updates health. True if the store can write."""
+        try:
+            self.local.probe_write()
+        except (OSError, sqlite3.Error) as e:
+            full = is_disk_full(e)
+            self._set_write_error("the disk under the artifact store is full" if full else "a write failed")
+            if not is_disk_full(e):
+                log.warning("store write probe failed: %s", e)
+            return False
+        self._set_write_error(None)
+        return True
+
+    def sweep_scratch(self) -> int:
+        """Remove the scratch of processes that died, and stray scratch older than `scratch_ttl`."""
+        return self.local.sweep_scratch(time.time() - self.scratch_ttl)
+
+    def maintain(self) -> None:
+        """One maintenance pass (the background thread runs it): sweep scratch and expired orphans, and
+        probe a write so that health follows the disk."""
+        try:
+            self.sweep_scratch()
+            self.local.expire_orphans(force=True)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("store maintenance: %s", e)
+        self.check_writable()
+
+    def _maintain_loop(self, interval: float) -> None:
+        while not self._stop.wait(UNWRITABLE_PROBE_INTERVAL if self._write_error else interval):
+            try:
+                self.maintain()
+            except Exception:  # the next pass retries
+                log.exception("store maintenance failed")
+
+    def _write_local(self, kind: str, key: str, *args: Any, **kwargs: Any) -> LocalRecord:
+        """`LocalTier.write` with the full-disk policy: a failed put leaves nothing (the tier removes its
+        partial files); the store evicts least-recently-used artifacts to free the space and retries
+        once; if that is not enough it raises StoreFull (RESOURCE_EXHAUSTED, no internal path) and
+        reports NOT_SERVING until a write succeeds again."""
+        needed = int(kwargs.pop("needed", 0))
+        for attempt in (1, 2):
+            try:
+                record, _ = self.local.write(kind, key, *args, **kwargs)
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                log.warning("store: disk full writing %s %s (attempt %d): %s", kind, key[:12], attempt, e)
+                if attempt == 1 and self._free_space(needed, keep=(key,)):
+                    continue
+                self._set_write_error("the disk under the artifact store is full")
+                raise StoreFull(FULL_MESSAGE) from None
+            if self._write_error is not None:
+                self._set_write_error(None)
+            return record
+        raise AssertionError("unreachable")
+
+    def _free_space(self, needed: int, keep: tuple[str, ...]) -> bool:
+        """Make room on a full disk: dead scratch, expired orphans, then LRU eviction of at least `needed`
+        bytes (plus a margin). True if anything was freed."""
+        freed = self.sweep_scratch() > 0
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.local.expire_orphans(force=True)
+        total = self.local.total_bytes()
+        target = total - max(needed, 0) - (1 << 20)
+        evicted, left = self.local.evict(
+            keep, on_evict=lambda m: self._count("cache_evictions_total", m.kind), target=target
+        )
+        self._set_bytes_gauge(left)
+        if evicted:
+            log.warning("store: evicted %d artifacts to free disk space for a put", len(evicted))
+        return freed or bool(evicted)
 
     # -- put -----------------------------------------------------------------------------------------------
 
@@ -195,7 +333,7 @@ class ArtifactStore:
             if found is not None:
                 record = found[1]
             else:
-                record, _ = self.local.write(
+                record = self._write_local(
                     kind,
                     key,
                     opener,
@@ -204,6 +342,7 @@ class ArtifactStore:
                     time.time(),
                     list(files),
                     on_bytes=lambda n: self._count("cache_written_bytes_total", kind, n),
+                    needed=total,
                 )
             if self.shared is not None and (found is None or record.shared_atime == 0):
                 self._upload(record)
@@ -339,7 +478,7 @@ class ArtifactStore:
             )
         with self.local.pin(key):
             try:
-                record, _ = self.local.write(
+                self._write_local(
                     manifest.kind,
                     key,
                     lambda name: shared.open_blob(manifest, name),
@@ -349,6 +488,7 @@ class ArtifactStore:
                     list(manifest.files),
                     expected=dict(manifest.files),
                     on_bytes=lambda n: self._count("cache_written_bytes_total", manifest.kind, n),
+                    needed=manifest.total_size,
                 )
             except (BlobMismatch, ArtifactNotFound) as e:
                 log.warning(
@@ -510,6 +650,8 @@ class ArtifactStore:
         self._stop.set()
         if self._pruner is not None:
             self._pruner.join(timeout=5)
+        if self._maintainer is not None:
+            self._maintainer.join(timeout=5)
         self.local.close()
         if self.shared is not None:
             self.shared.close()

@@ -49,6 +49,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -132,6 +133,48 @@ class RawOnlyDisk(diskcache.Disk):
             raise CorruptArtifact("refusing to load a serialised Python object from the cache")
         return super().fetch(mode, filename, value, read)
 
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
+        """diskcache's file write, made durable and clean: fsynced (file and directory) before the
+        caller publishes anything that names it, and removed if it fails half-way (a full disk must
+        not keep the partial file)."""
+        directory = os.path.dirname(full_path)
+        for attempt in range(1, 11):
+            with contextlib.suppress(OSError):
+                os.makedirs(directory)
+            try:
+                writer = open(full_path, mode, encoding=encoding)  # noqa: SIM115 - closed below
+            except FileNotFoundError:  # another cache removed the directory meanwhile: retry
+                if attempt == 10:
+                    raise
+                continue
+            break
+        try:
+            with writer:
+                size = 0
+                for chunk in iterator:
+                    size += len(chunk)
+                    writer.write(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+            fsync_dir(directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(full_path)
+            raise
+        return size
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so names created or renamed in it survive a crash (where the medium allows)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
 
 class BlobMismatch(CorruptArtifact):
     """A file copied into the local tier did not match the manifest it came with."""
@@ -155,6 +198,11 @@ def blob_key(key: str, nonce: str, name: str) -> str:
     return f"b:{key}:{nonce}:{name}"
 
 
+def manifest_copy_key(key: str, nonce: str) -> str:
+    """The diskcache entry holding a copy of a publication's manifest (the index can be rebuilt from it)."""
+    return f"m:{key}:{nonce}"
+
+
 class LocalTier:
     """diskcache blobs + SQLite index; implements `Tier` plus pins, eviction and file paths."""
 
@@ -171,13 +219,50 @@ class LocalTier:
         self.orphan_ttl = float(orphan_ttl)
         self._pins_dir = self.directory / "_pins"
         self._pins_dir.mkdir(exist_ok=True)
-        self.tmp_dir = self.directory / "_tmp"
-        self.tmp_dir.mkdir(exist_ok=True)
+        self.scratch_root = self.directory / "_tmp"
+        self.scratch_root.mkdir(exist_ok=True)
         self._cull_lock_path = self.directory / "_cull.lock"
         self._thread_lock = threading.Lock()  # cull, within this process
         self._db_lock = threading.RLock()  # the one sqlite connection
         self._last_expire = 0.0
-        self.cache = diskcache.Cache(
+        self.recovered: list[str] = []
+        """What start-up found damaged and repaired (for the log and tests)."""
+        self.tmp_dir, self._scratch_lock_fd = self._claim_scratch()
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._scratch_lock_fd)
+            raise
+
+    def _open(self) -> None:
+        """Open (or repair) cache.db and index.db. A damaged database is moved aside, never a crash loop.
+
+        A damaged index is rebuilt from the manifest copies kept beside the blobs; a damaged blob
+        database (which alone knows the blob files' names) takes the whole cache with it: both are
+        moved aside, the blob files are removed, and the cache starts empty.
+        """
+        with self._cull_lock():
+            try:
+                self.cache = self._open_cache()
+            except sqlite3.DatabaseError as e:
+                self._set_aside("cache.db", e)
+                self._set_aside("index.db", e)
+                self._remove_blob_files()
+                self.cache = self._open_cache()
+            try:
+                self._db = self._open_index()
+                rebuild = self._prepare_index()
+            except sqlite3.DatabaseError as e:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                self._set_aside("index.db", e)
+                self._db = self._open_index()
+                rebuild = self._prepare_index()
+            if rebuild:
+                self._rebuild_index()
+
+    def _open_cache(self) -> diskcache.Cache:
+        cache = diskcache.Cache(
             str(self.directory),
             disk=RawOnlyDisk,
             size_limit=self.size_limit,
@@ -185,26 +270,178 @@ class LocalTier:
             cull_limit=0,
             statistics=False,
         )
-        self._db = sqlite3.connect(
+        try:
+            _quick_check(cache._sql)
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
+    def _open_index(self) -> sqlite3.Connection:
+        return sqlite3.connect(
             self.directory / "index.db", timeout=120, isolation_level=None, check_same_thread=False
         )
-        with self._cull_lock():
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT version FROM layout").fetchone()
-            if row is None:
-                if len(self.cache):
-                    # A layout-1 cache (manifests inside diskcache): it is a cache, so start afresh rather
-                    # than leave entries no index accounts for.
-                    log.warning("artifact cache %s has an older layout; clearing it", self.directory)
-                    self.cache.clear()
-                self._db.execute("INSERT INTO layout VALUES (0, ?)", (LAYOUT_VERSION,))
-            elif row[0] != LAYOUT_VERSION:
-                raise RuntimeError(
-                    f"artifact cache {self.directory} has layout {row[0]}; this version reads "
-                    f"{LAYOUT_VERSION}: point --cache-dir at a fresh directory"
-                )
+
+    def _prepare_index(self) -> bool:
+        """Check and set up the index schema; True if it must be rebuilt from the manifest copies."""
+        db = self._db
+        _quick_check(db.execute)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT version FROM layout").fetchone()
+        if row is None:
+            db.execute("INSERT INTO layout VALUES (0, ?)", (LAYOUT_VERSION,))
+            # A new index beside existing blobs: lost or truncated, or a layout-1 cache. Rebuild from
+            # the manifest copies; whatever no manifest accounts for is swept.
+            return len(self.cache) > 0
+        if row[0] != LAYOUT_VERSION:
+            raise RuntimeError(
+                f"artifact cache {self.directory} has layout {row[0]}; this version reads "
+                f"{LAYOUT_VERSION}: point --cache-dir at a fresh directory"
+            )
+        return False
+
+    def _set_aside(self, name: str, error: BaseException) -> None:
+        """Move a damaged database (with its WAL and shared-memory files) to ``_corrupt/``."""
+        aside = self.directory / "_corrupt"
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
+        for suffix in ("", "-wal", "-shm"):
+            path = self.directory / (name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, aside / f"{name}{suffix}.{stamp}")
+        fsync_dir(self.directory)
+        message = f"{name} was unreadable ({error}); moved it to _corrupt/ and started a new one"
+        log.error("artifact cache %s: %s", self.directory, message)
+        self.recovered.append(message)
+
+    def _remove_blob_files(self) -> None:
+        """Remove diskcache's blob directories (their names lived in the lost cache.db)."""
+        for entry in os.scandir(self.directory):
+            if entry.is_dir(follow_symlinks=False) and re.fullmatch(r"[0-9a-f]{2}", entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        self.recovered.append("removed the blob files the lost cache.db named")
+
+    def _rebuild_index(self) -> None:
+        """Re-insert every publication whose manifest copy and blobs are intact; sweep everything else.
+
+        Entries that still expire belong to puts in flight (possibly in another process) and are left to
+        expire; permanent entries no rebuilt row accounts for are orphans and are deleted now.
+        """
+        published: set[tuple[str, str]] = set()
+        orphans: list[str] = []
+        copies = [k for k in self.cache.iterkeys() if isinstance(k, str) and k.startswith("m:")]
+        for mkey in copies:
+            _, key, nonce = (mkey.split(":") + ["", ""])[:3]
+            got = self.cache.get(mkey, default=None, read=True, expire_time=True)
+            if got is None or got[0] is None:
+                continue  # gone meanwhile
+            if not is_digest(key) or not _NONCE_RE.match(nonce):
+                _close(got[0])
+                orphans.append(mkey)  # not one of ours (an older layout's entry)
+                continue
+            handle, expires = got
+            if expires is not None:
+                _close(handle)
+                continue  # a put in flight (or one that died: it expires)
+            if isinstance(handle, (bytes, str)):
+                text = handle
+            else:
+                with handle:
+                    text = handle.read()
+            try:
+                manifest = Manifest.from_json(text, key)
+            except CorruptArtifact:
+                orphans.append(mkey)
+                continue
+            if all(self.blob_size(key, nonce, n) == e.size for n, e in manifest.files.items()):
+                if self._publish(manifest, nonce):
+                    published.add((key, nonce))
+                    continue
+            orphans.append(mkey)
+        for ckey in list(self.cache.iterkeys()):
+            if not isinstance(ckey, str) or ckey.startswith("m:"):
+                continue
+            parts = ckey.split(":")
+            if len(parts) == 4 and parts[0] == "b" and (parts[1], parts[2]) in published:
+                continue
+            got = self.cache.get(ckey, default=None, read=True, expire_time=True)
+            if got is not None and got[0] is not None:
+                _close(got[0])
+                if got[1] is not None:
+                    continue  # in flight
+            orphans.append(ckey)
+        for ckey in orphans:
+            self.cache.delete(ckey)
+        message = (
+            f"rebuilt the index: {len(published)} artifacts recovered, {len(orphans)} orphan entries removed"
+        )
+        log.warning("artifact cache %s: %s", self.directory, message)
+        self.recovered.append(message)
+
+    # -- scratch -------------------------------------------------------------------------------------------
+
+    def _claim_scratch(self) -> tuple[Path, int]:
+        """This process's scratch directory under ``_tmp/``, kept alive by an exclusive ``flock``.
+
+        Uploads in progress and job scratch go here. A process that dies (SIGKILL, OOM) drops its lock,
+        so `sweep_scratch` can tell dead scratch from live without guessing from ages.
+        """
+        name = f"p{os.getpid()}-{secrets.token_hex(4)}"
+        lock_path = self.scratch_root / f"{name}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = self.scratch_root / name
+        path.mkdir(exist_ok=True)
+        return path, fd
+
+    def sweep_scratch(self, older_than: float) -> int:
+        """Remove dead scratch: the directories of processes that died, and loose files and directories
+        (older layouts, strays) last modified before `older_than` (epoch seconds). Returns how many."""
+        removed = 0
+        own = self.tmp_dir.name
+        for entry in os.scandir(self.scratch_root):
+            name = entry.name
+            if name in (own, own + ".lock"):
+                continue
+            try:
+                if name.endswith(".lock"):
+                    if not (self.scratch_root / name[: -len(".lock")]).exists() and _lock_is_free(entry.path):
+                        os.unlink(entry.path)
+                    continue
+                lock = self.scratch_root / f"{name}.lock"
+                if lock.exists():
+                    if not _lock_is_free(str(lock)):
+                        continue  # a live process's scratch
+                elif _newest_mtime(entry.path) >= older_than:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    if lock.exists() and _lock_is_free(str(lock)):
+                        os.unlink(lock)
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def probe_write(self) -> None:
+        """Write, fsync and remove a small file, and commit an index transaction: raises if the store
+        cannot write (full disk, read-only remount)."""
+        probe = self.tmp_dir / f".probe-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        with self._transaction() as db:
+            db.execute("UPDATE totals SET bytes = bytes WHERE id = 0")
 
     # -- sqlite --------------------------------------------------------------------------------------------
 
@@ -321,6 +558,10 @@ class LocalTier:
                 if on_bytes is not None:
                     on_bytes(entry.size)
             manifest = Manifest(kind, key, created, meta, entries, primary)
+            # A copy of the manifest beside the blobs: a lost or damaged index is rebuilt from these.
+            mkey = manifest_copy_key(key, nonce)
+            self.cache.set(mkey, manifest.to_json(), expire=self.orphan_ttl)
+            written.append(mkey)
             if not self._publish(manifest, nonce):
                 # Another process published this key first: content-addressed, so theirs is as good.
                 for bkey in written:
@@ -373,6 +614,7 @@ class LocalTier:
         return True
 
     def _delete_blobs(self, key: str, nonce: str, names: list[str]) -> None:
+        self.cache.delete(manifest_copy_key(key, nonce))  # first: a rebuild never resurrects it
         for name in names:
             self.cache.delete(blob_key(key, nonce, name))
         self._write("DELETE FROM doomed WHERE key = ? AND nonce = ?", (key, nonce))
@@ -438,6 +680,12 @@ class LocalTier:
         with self._db_lock:
             self._db.close()
         self.cache.close()
+        if self._scratch_lock_fd >= 0:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.scratch_root / f"{self.tmp_dir.name}.lock")
+            os.close(self._scratch_lock_fd)
+            self._scratch_lock_fd = -1
 
     # -- pins ----------------------------------------------------------------------------------------------
 
@@ -542,19 +790,24 @@ class LocalTier:
             self.finish_deletes()
 
     def evict(
-        self, keep: tuple[str, ...] = (), on_evict: Callable[[Manifest], None] | None = None
+        self,
+        keep: tuple[str, ...] = (),
+        on_evict: Callable[[Manifest], None] | None = None,
+        target: int | None = None,
     ) -> tuple[list[str], int]:
-        """Evict least-recently-used unpinned artifacts (other than `keep`), whole, until under the limit.
+        """Evict least-recently-used unpinned artifacts (other than `keep`), whole, until under the limit
+        (or under `target` bytes: freeing space on a full disk).
 
         Walks the ``atime`` index from the oldest row, so its cost is the number of rows it looks at,
         not the number stored. Returns the evicted keys and the bytes left.
         """
         evicted: list[str] = []
-        if self.total_bytes() <= self.size_limit:
+        limit = self.size_limit if target is None else max(0, min(target, self.size_limit))
+        if self.total_bytes() <= limit:
             return evicted, self.total_bytes()
         with self._cull_lock():
             cursor: tuple[int, str] = (-1, "")
-            while (total := self.total_bytes()) > self.size_limit:
+            while (total := self.total_bytes()) > limit:
                 rows = self._query(
                     "SELECT atime, key, nonce, manifest FROM artifacts WHERE (atime, key) > (?, ?) "
                     "ORDER BY atime, key LIMIT 64",
@@ -562,14 +815,12 @@ class LocalTier:
                 )
                 if not rows:
                     log.warning(
-                        "cache holds %d bytes over its %d-byte limit: the rest is pinned",
-                        total,
-                        self.size_limit,
+                        "cache holds %d bytes over its %d-byte target: the rest is pinned", total, limit
                     )
                     break
                 for atime, key, nonce, text in rows:
                     cursor = (atime, key)
-                    if self.total_bytes() <= self.size_limit:
+                    if self.total_bytes() <= limit:
                         break
                     if key in keep:
                         continue
@@ -598,3 +849,44 @@ def _file_names(names_json: str) -> list[str]:
     except ValueError:
         return []
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _quick_check(execute: Callable[..., Any]) -> None:
+    """Raise sqlite3.DatabaseError unless SQLite's quick check of the database passes."""
+    rows = execute("PRAGMA quick_check").fetchall()
+    if not rows or rows[0][0] != "ok":
+        detail = "; ".join(str(r[0]) for r in rows[:3])
+        raise sqlite3.DatabaseError(f"quick_check failed: {detail}")
+
+
+def _lock_is_free(path: str) -> bool:
+    """Whether nobody holds a flock on `path` (its owner exited)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _newest_mtime(path: str) -> float:
+    """The newest modification time in a file or directory tree (a job writing inside keeps it fresh)."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _close(handle: Any) -> None:
+    """Close what diskcache's ``get(read=True)`` returned (a file, or the bytes of a small value)."""
+    close = getattr(handle, "close", None)
+    if callable(close):
+        close()

@@ -14,10 +14,12 @@ moves between tiers byte for byte and is verified against the same sizes and dig
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -65,6 +67,29 @@ class ArtifactInUse(RuntimeError):
 
 class TierUnavailable(OSError):
     """A shared tier could not be reached or refused a write (retryable; the local tier is unaffected)."""
+
+
+class StoreFull(OSError):
+    """The disk (or quota) under the store is full: the write was refused and left nothing behind.
+
+    RESOURCE_EXHAUSTED with a retry delay: the store evicts what it can and reports NOT_SERVING until a
+    write succeeds again. The message never names a file of the store (callers cannot act on it).
+    """
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the medium is full: ENOSPC/EDQUOT from the OS, SQLITE_FULL from SQLite."""
+    if isinstance(exc, StoreFull):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------

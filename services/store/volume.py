@@ -39,7 +39,9 @@ from services.store.model import (
     CorruptArtifact,
     HashingReader,
     Manifest,
+    StoreFull,
     is_digest,
+    is_disk_full,
 )
 from services.store.tier import BlobInfo, Opener, PruneReport, RecordInfo, clamp_page_size, prune_lru
 
@@ -55,6 +57,17 @@ def _fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    """`path` exists, and a directory created here is itself durable (its parent is fsynced)."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    _fsync_dir(path.parent)
+
+
+SHARED_FULL_MESSAGE = "the shared store's volume is out of space; retry later (the local copy is kept)"
 
 
 class VolumeTier:
@@ -85,7 +98,12 @@ class VolumeTier:
     # -- writing -------------------------------------------------------------------------------------------
 
     def _write_tmp(self, source: BinaryIO, prefix: str) -> tuple[str, int, str]:
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=prefix[:16] + ".")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=prefix[:16] + ".")
+        except OSError as e:
+            if is_disk_full(e):
+                raise StoreFull(SHARED_FULL_MESSAGE) from None
+            raise
         try:
             with os.fdopen(fd, "wb") as out:
                 reader = HashingReader(source)
@@ -93,15 +111,18 @@ class VolumeTier:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if is_disk_full(e):
+                log.warning("shared volume %s is full: %s", self.root, e)
+                raise StoreFull(SHARED_FULL_MESSAGE) from None
             raise
         return tmp, reader.size, reader.hexdigest()
 
     def _put_blob(self, sha256: str, size: int, source: BinaryIO) -> None:
         dest = self.blob_path(sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_dir(dest.parent)
         tmp, got_size, got_sha = self._write_tmp(source, sha256)
         try:
             if (got_size, got_sha) != (size, sha256):
@@ -133,7 +154,7 @@ class VolumeTier:
                 with open_file(name) as src:
                     self._put_blob(entry.sha256, entry.size, src)
         dest = self.manifest_path(manifest.key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_dir(dest.parent)
         tmp, _, _ = self._write_tmp(io.BytesIO(manifest.to_json()), manifest.key)
         try:
             os.link(tmp, dest)  # conditional create: fails if published meanwhile
