@@ -335,3 +335,14 @@ def test_real_encoded_switch_in_bounded_memory(tmp_path: Path, side: int) -> Non
     result = decode_in_child(path)
     assert (result["error"], result["limit_name"]) == ("TooLargeError", "max_pixels_per_frame")
     assert result["growth_mb"] < 300, result
+
+
+def test_a_long_clip_without_a_frame_count_is_refused_by_probe(tmp_path: Path) -> None:
+    """Raw H.264 has no frame count and no duration: probe counts packets (no decoding) against the cap."""
+    path = write(tmp_path, "long.h264", hostile.encode(1000, (64, 64), fmt="h264", still=True))
+    limits = DecodeLimits(max_decoded_frames=500)
+    with pytest.raises(TooLargeError) as info:
+        video.probe(path, DecodeSpec(), limits)
+    assert info.value.limit_name == "max_decoded_frames" and "at least 501 frames" in str(info.value)
+    assert video.probe(path, DecodeSpec(max_frames=100), limits).width == 64  # a short selection is fine
+    assert_clean_message(info.value, tmp_path)

@@ -218,7 +218,9 @@ def _decoded(
         index += 1
 
 
-def _check_selection(claimed: int, spec: DecodeSpec, limits: DecodeLimits, path: PathLike) -> None:
+def _check_selection(
+    claimed: int, spec: DecodeSpec, limits: DecodeLimits, path: PathLike, counted: bool = False
+) -> None:
     """Refuse before decoding when the container claims more frames than the selection may decode.
 
     The frames a selection needs are start + (max_frames - 1) * stride + 1, or all of them without
@@ -231,7 +233,8 @@ def _check_selection(claimed: int, spec: DecodeSpec, limits: DecodeLimits, path:
         needed = min(claimed, spec.start + (spec.max_frames - 1) * spec.stride + 1)
     if needed > limit:
         raise TooLargeError(
-            f"{_name(path)} claims {claimed} frames and the selection (start={spec.start}, "
+            f"{_name(path)} {'has at least' if counted else 'claims'} {claimed} frames and the selection "
+            f"(start={spec.start}, "
             f"stride={spec.stride}, max_frames={spec.max_frames}) would decode {needed}; the limit is "
             f"{limit} decoded frames per call (max_decoded_frames): set max_frames, or cut the video",
             limit_name="max_decoded_frames",
@@ -278,6 +281,20 @@ def _claimed_frames(stream: av.VideoStream, duration: float | None, fps: Fractio
     return 0
 
 
+def _count_packets(container: av.container.InputContainer, stream: av.VideoStream, cap: int) -> int:
+    """Video packets from the current position on (at least 1: the frame already decoded), up to `cap`."""
+    count = 1
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                count += 1
+                if count >= cap:
+                    break
+    except _AV_ERRORS:
+        pass  # a broken tail: the decode's own count is what enforces the limit
+    return count
+
+
 def probe(path: PathLike, spec: DecodeSpec | None = None, limits: DecodeLimits = DEFAULT_LIMITS) -> VideoInfo:
     """Describe a video cheaply: demux the header and decode one frame.
 
@@ -297,7 +314,10 @@ def probe(path: PathLike, spec: DecodeSpec | None = None, limits: DecodeLimits =
         duration = _duration(container, stream)
         count = _claimed_frames(stream, duration, fps)
         if spec is not None:
-            _check_selection(count, spec.validate(), limits, path)
+            # No claim (raw streams, mkv without a duration): count packets, which costs a demux and no
+            # decoding, so that a long clip is refused here rather than after minutes of a job.
+            known = count or _count_packets(container, stream, limits.max_decoded_frames + 1)
+            _check_selection(known, spec.validate(), limits, path, counted=not count)
         return VideoInfo(
             width=width,
             height=height,
