@@ -30,8 +30,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.jobs import QueueFull, ShuttingDown
+from services.limits import ServerBusy, UploadStalled
 from services.metrics import Metrics, outcome_of
-from services.store import ArtifactInUse, ArtifactNotFound, TierUnavailable, WrongArtifactKind
+from services.store import (
+    ArtifactInUse,
+    ArtifactNotFound,
+    CorruptArtifact,
+    StoreFull,
+    TierUnavailable,
+    WrongArtifactKind,
+)
+from services.store.composite import FULL_MESSAGE
+from services.store.model import is_disk_full
 from tokenflow.errors import Cancelled, ModelError, SpecError, TooLargeError, VideoError
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,49 @@ class DeadlineExceeded(Exception):
 
 class DataLoss(Exception):
     """Bytes changed under a transfer after they were verified: the partial result must be discarded."""
+
+
+class MalformedRequest(SpecError):
+    """The request bytes do not parse as the RPC's request message (INVALID_ARGUMENT, not INTERNAL)."""
+
+
+class _Unparseable:
+    """What the request deserializer hands on for bytes that do not parse (the handler raises)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def exception(self) -> MalformedRequest:
+        return MalformedRequest(f"the request could not be parsed: {type(self.error).__name__}: {self.error}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's
+            return _Unparseable(e)
+
+    return deserialize
+
+
+def _parsed(request: Any) -> Any:
+    """The request, or its stream with every message checked; MalformedRequest for unparseable bytes."""
+    if isinstance(request, _Unparseable):
+        raise request.exception()
+    if hasattr(request, "__next__"):
+        return _checked_stream(request)
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, _Unparseable):
+            raise request.exception()
+        yield request
 
 
 class RelayedStatus(Exception):
@@ -82,9 +135,15 @@ ERRORS: tuple[ErrorClass, ...] = (
     ErrorClass(ShuttingDown, _C.UNAVAILABLE, "SHUTTING_DOWN", 1.0, "the server is shutting down"),
     ErrorClass(StageUnavailable, _C.UNAVAILABLE, "STAGE_UNAVAILABLE", 5.0, "a stage is unreachable"),
     ErrorClass(TierUnavailable, _C.UNAVAILABLE, "STORE_UNAVAILABLE", 5.0, "the store is unreachable"),
+    ErrorClass(StoreFull, _C.RESOURCE_EXHAUSTED, "STORE_FULL", 30.0, "the store is out of disk space"),
+    ErrorClass(ServerBusy, _C.RESOURCE_EXHAUSTED, "SERVER_BUSY", 1.0, "too many calls in flight"),
+    ErrorClass(UploadStalled, _C.RESOURCE_EXHAUSTED, "UPLOAD_STALLED", 1.0, "the upload stalled"),
+    ErrorClass(MalformedRequest, _C.INVALID_ARGUMENT, "MALFORMED_REQUEST", None, "unparseable request"),
     ErrorClass(QueueFull, _C.RESOURCE_EXHAUSTED, "QUEUE_FULL", 5.0, "the job queue is full"),
     ErrorClass(TooLargeError, _C.RESOURCE_EXHAUSTED, "INPUT_TOO_LARGE", None, "the input is too large"),
     ErrorClass(ArtifactInUse, _C.FAILED_PRECONDITION, "ARTIFACT_IN_USE", 10.0, "the artifact is in use"),
+    # A corrupt artifact was found and removed: retrying the call that produces it (same digest) succeeds.
+    ErrorClass(CorruptArtifact, _C.ABORTED, "ARTIFACT_CORRUPT", 1.0, "the artifact was corrupt"),
     ErrorClass(ArtifactNotFound, _C.NOT_FOUND, "ARTIFACT_NOT_FOUND", None, "artifact not found"),
     ErrorClass(WrongArtifactKind, _C.INVALID_ARGUMENT, "WRONG_ARTIFACT_KIND", None, "wrong artifact kind"),
     ErrorClass(SpecError, _C.INVALID_ARGUMENT, "INVALID_SPEC", None, "invalid argument"),
@@ -141,6 +200,9 @@ def status_for(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status (code, message, details) for an exception; logs unexpected ones."""
     if isinstance(exc, RelayedStatus):
         return exc.status
+    if is_disk_full(exc) and not isinstance(exc, StoreFull):  # a job's scratch write: never name its path
+        log.error("disk full: %s", exc)
+        exc = StoreFull(FULL_MESSAGE)
     entry = error_class(exc)
     if entry is None:
         error_id = uuid.uuid4().hex[:12]
@@ -163,6 +225,12 @@ def status_for(exc: BaseException) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(entry.retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    if "limit_name" in metadata and entry.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        limit = f"{metadata['limit_name']} = {metadata.get('limit', '?')}"
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=metadata["limit_name"], description=f"{limit}: {message}"
+        )
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
     if "field" in metadata and entry.code == grpc.StatusCode.INVALID_ARGUMENT:
         violation = error_details_pb2.BadRequest.FieldViolation(field=metadata["field"], description=message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
@@ -287,7 +355,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return handler
         label = _service_label(service)
         kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.request_streaming and handler.response_streaming:
@@ -308,7 +376,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Request(self._metrics, service, method)
             try:
-                response = behavior(request, context)
+                response = behavior(_parsed(request), context)
             except Exception as e:  # noqa: BLE001 - every failure becomes a status
                 _abort(context, e, call)
             aborted = _aborted_code(context)
@@ -321,7 +389,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Request(self._metrics, service, method)
             try:
-                responses = behavior(request, context)
+                responses = behavior(_parsed(request), context)
                 if responses is not None:
                     yield from responses
             except GeneratorExit:  # grpc dropped the stream: the caller is gone
