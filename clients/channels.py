@@ -19,6 +19,11 @@ on this module), so the two cannot drift apart:
   retry goes to another replica. A retry budget (``retryThrottling``) stops retries from multiplying the
   load of a struggling fleet. Once a stream has delivered a message gRPC no longer retries it: the
   Editor's failover (services/editor.py) takes over there.
+- **TLS and a bearer token (optional).** `channel_credentials` reads a CA bundle (and a client
+  certificate and key for mutual TLS); `token` adds ``authorization: Bearer <token>`` to every call
+  through a client interceptor, so it works on TLS and plaintext channels alike (gRPC's call credentials
+  refuse plaintext). Health checks the channel makes by itself carry no token: servers never ask for
+  one on ``grpc.health.v1``.
 - **Wait-for-ready, bounded.** Unary calls wait for a ready backend instead of failing at once while a
   replica restarts, and carry a default deadline (`UNARY_TIMEOUT_SECONDS`) so the wait is bounded even
   when the caller set none; a caller's own timeout always wins when it is shorter. Streaming job calls
@@ -32,9 +37,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -42,6 +49,8 @@ __all__ = [
     "RETRY",
     "UNARY_TIMEOUT_SECONDS",
     "RetryPolicy",
+    "BearerToken",
+    "channel_credentials",
     "channel_options",
     "make_channel",
     "unary_methods_of",
@@ -202,12 +211,94 @@ def make_channel(
     *,
     health_service: str | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
 ) -> grpc.Channel:
-    """A channel to `target` (normalised) with the policy of this module."""
+    """A channel to `target` (normalised) with the policy of this module; TLS with `credentials`, and
+    `token` sent as a bearer token on every call."""
     options = channel_options(base_options, services, unary_methods, health_service=health_service)
     if credentials is None:
-        return grpc.insecure_channel(normalize_target(target), options=options)
-    return grpc.secure_channel(normalize_target(target), credentials, options=options)
+        channel = grpc.insecure_channel(normalize_target(target), options=options)
+    else:
+        channel = grpc.secure_channel(normalize_target(target), credentials, options=options)
+    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
+
+
+def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if path is None or str(path) == "":
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+def channel_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: `ca` the CA bundle that signed the server's certificate (None =
+    the system's roots), `cert`/`key` this side's certificate and key for mutual TLS (both or neither).
+
+    ValueError names the file that cannot be read or the half of a pair that is missing.
+    """
+    if (cert is None or str(cert) == "") != (key is None or str(key) == ""):
+        raise ValueError("mutual TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA bundle"),
+        private_key=_read(key, "TLS key"),
+        certificate_chain=_read(cert, "TLS certificate"),
+    )
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (replacing one in the call's metadata)."""
+
+    def __init__(self, token: str) -> None:
+        token = token.strip()
+        if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ValueError("a token is one word of printable characters (no spaces)")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:  # never the token itself
+        return "BearerToken(***)"
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0].lower() != "authorization"]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*metadata, self._header],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 def unary_methods_of(file_descriptors: Iterable[Any]) -> tuple[list[str], list[tuple[str, str]]]:

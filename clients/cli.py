@@ -31,7 +31,7 @@ import grpc
 from google.protobuf import json_format
 
 from clients import __version__
-from clients.client import STAGES, ClientError, TokenFlowClient, is_digest, kind_name
+from clients.client import STAGES, TOKEN_ENV, ClientError, TokenFlowClient, is_digest, kind_name
 from clients.flags import (
     DECODE_FLAGS,
     EDIT_FLAGS,
@@ -400,6 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address HOST:PORT (default: $TOKENFLOW_TARGET or {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    g = parser.add_argument_group("access control")
+    g.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable: command lines are visible to all)",
+    )
+    g.add_argument(
+        "--tls-ca",
+        default=os.environ.get("TOKENFLOW_TLS_CA"),
+        help="connect with TLS, trusting this PEM CA bundle (default: $TOKENFLOW_TLS_CA; none = plaintext)",
+    )
+    g.add_argument(
+        "--tls-cert",
+        default=os.environ.get("TOKENFLOW_TLS_CERT"),
+        help="client certificate (PEM) for mutual TLS (default: $TOKENFLOW_TLS_CERT)",
+    )
+    g.add_argument(
+        "--tls-key",
+        default=os.environ.get("TOKENFLOW_TLS_KEY"),
+        help="key of --tls-cert (default: $TOKENFLOW_TLS_KEY)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     _add_overwrite(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -489,7 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(sys.stderr, enabled=not a.quiet)
     try:
         _check_spec_args(a)
-        with TokenFlowClient(a.target, timeout=a.timeout) as client:
+        with TokenFlowClient(
+            a.target,
+            timeout=a.timeout,
+            token=a.token,
+            tls_ca=a.tls_ca,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+        ) as client:
             if a.command == "health":
                 timeout = a.timeout if a.timeout is not None else HEALTH_TIMEOUT
                 status = client.health(a.service, timeout=timeout)

@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from clients.channels import make_channel, unary_methods_of
+from clients.channels import channel_credentials, make_channel, unary_methods_of
 from tokenflow_pb.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -79,6 +79,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 STAGES = ("inversion", "keyframes", "propagation")
+TOKEN_ENV = "TOKENFLOW_TOKEN"
+"""The environment variable a client reads its bearer token from when none is passed."""
 _API_FILES = (
     artifacts_pb2.DESCRIPTOR,
     inversion_pb2.DESCRIPTOR,
@@ -316,6 +318,11 @@ class TokenFlowClient:
 
     `timeout` is the default deadline in seconds of every call (None = no deadline); each method takes
     its own `timeout` to override it. Use as a context manager or call `close()`.
+
+    Access control: `token` is sent as a bearer token on every call (None = the ``TOKENFLOW_TOKEN``
+    environment variable, if set; "" = none). TLS with `tls_ca` (PEM CA bundle of the server's
+    certificate; the system's roots when only `tls_cert` is given) and `tls_cert`/`tls_key` (this
+    client's certificate for mutual TLS), or with ready-made `credentials`.
     """
 
     def __init__(
@@ -324,15 +331,24 @@ class TokenFlowClient:
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
+        *,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        if token is None:
+            token = os.environ.get(TOKEN_ENV, "")
+        if credentials is None and (tls_ca or tls_cert or tls_key):
+            credentials = channel_credentials(tls_ca or None, tls_cert or None, tls_key or None)
         # Round robin over every address of the target (a DNS name with many records, an ipv4:/ipv6: list
         # or "host1:port,host2:port"), retries of UNAVAILABLE, bounded wait-for-ready: clients/channels.py.
         # Health checks stay fail-fast (no wait-for-ready): a probe must report a server that is down.
         services, unary = unary_methods_of(_API_FILES)
         self.channel = make_channel(
-            target, options, [*services, _HEALTH_SERVICE], unary, credentials=credentials
+            target, options, [*services, _HEALTH_SERVICE], unary, credentials=credentials, token=token or None
         )
         self._artifacts = artifacts_pb2_grpc.ArtifactsStub(self.channel)
         self._inversion = inversion_pb2_grpc.InversionStub(self.channel)

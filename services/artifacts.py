@@ -7,6 +7,10 @@ sha256 of their bytes -- the content address every later stage keys on. A video 
 store's fifth allowed file type, never deserialised by us, only handed to the video decoder). The original
 file name and media type are kept in the artifact's metadata. Nothing is published unless the whole
 upload arrived within the size limit and matched the client's sha256, so a failed upload leaves no trace.
+
+With tokens (services/auth.py) every call is checked against services/access.py: artifacts a caller has
+no access to look absent, metadata holding user data is shown only to its creators and requesters, and
+Upload's `existed` is true only when the caller uploaded the same bytes before.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from services.access import OPEN, Access
+from services.auth import current_principal
 from services.convert import artifact_kind, kind_name
 from services.errors import DataLoss
+from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, WATCHDOG
 from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
 from tokenflow.errors import SpecError, TooLargeError
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
@@ -57,8 +64,14 @@ def _file_info(name: str, entry: Any) -> common_pb2.FileInfo:
 class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     """Upload / Download / Get / List / Delete over an `ArtifactStore` (errors: services.errors)."""
 
-    def __init__(self, store: ArtifactStore, max_upload_bytes: int, metrics: Any = None) -> None:
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
+    """An upload that sends nothing for this long is closed and its handler thread freed."""
+
+    def __init__(
+        self, store: ArtifactStore, max_upload_bytes: int, metrics: Any = None, access: Access = OPEN
+    ) -> None:
         self.store = store
+        self.access = access
         self.max_upload_bytes = int(max_upload_bytes)
         self.metrics = metrics  # request metrics come from the server's interceptor; store metrics from store
 
@@ -69,7 +82,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     ) -> artifacts_pb2.UploadResponse:
         tmp_path: Path | None = None
         try:
-            requests = iter(request_iterator)
+            requests = WATCHDOG.guard(request_iterator, context, self.upload_idle_seconds)
             first = next(requests, None)
             if first is None or first.WhichOneof("payload") != "header":
                 raise SpecError(
@@ -116,7 +129,9 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     f"sha256 mismatch: the header says {want_sha} but the received bytes hash to {digest}; "
                     "the upload was corrupted in transit or the header is wrong; nothing was stored"
                 )
-            existed = self.store.contains(digest)
+            principal = current_principal()
+            stored = self.store.contains(digest)
+            existed = self.access.uploaded_before(digest, principal, stored)
             filename = _clean_filename(header.filename)
             manifest = self.store.put(
                 kind,
@@ -124,6 +139,9 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                 {_source_name(filename): tmp_path},
                 meta={"filename": filename, "media_type": header.media_type[:100], "size": received},
             )
+            if not stored:
+                self.access.record(digest, principal, "created")  # its filename is in the metadata
+            self.access.record(digest, principal, "uploaded")
             log.info("upload %s: %d bytes (%s)%s", digest, received, filename, " existed" if existed else "")
             return artifacts_pb2.UploadResponse(
                 digest=digest,
@@ -153,10 +171,13 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
         self, request: artifacts_pb2.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[artifacts_pb2.DownloadResponse]:
         _check_digest(request.digest)
+        principal = current_principal()
+        self.access.require_readable(request.digest, principal, _not_found_message(request.digest))
         art = self.store.get(request.digest)
         if art is None:
             raise ArtifactNotFound(_not_found_message(request.digest))
         manifest = art.manifest
+        meta = self.access.visible_meta(manifest, principal)
         name = request.name or manifest.primary
         if not name:
             raise SpecError(
@@ -186,7 +207,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     size=entry.size,
                     sha256=entry.sha256,
                     media_type=entry.media_type,
-                    filename=_suggested_filename(manifest, name),
+                    filename=_suggested_filename(manifest, name, meta),
                     offset=request.offset,
                 )
             )
@@ -209,10 +230,14 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
         self, request: artifacts_pb2.GetRequest, context: grpc.ServicerContext
     ) -> artifacts_pb2.GetResponse:
         _check_digest(request.digest)
+        principal = current_principal()
+        self.access.require_readable(request.digest, principal, _not_found_message(request.digest))
         manifest = self.store.stat(request.digest)
         if manifest is None:
             raise ArtifactNotFound(_not_found_message(request.digest))
-        return artifacts_pb2.GetResponse(artifact=artifact_message(manifest))
+        return artifacts_pb2.GetResponse(
+            artifact=artifact_message(manifest, self.access.visible_meta(manifest, principal))
+        )
 
     # -- List -----------------------------------------------------------------------------------------------
 
@@ -233,8 +258,16 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                 raise
             field = "page_size" if "page_size" in str(e) else "page_token"
             raise SpecError(str(e), field=field) from None
+        principal = current_principal()
+        readable = self.access.readable((m.key for m in manifests), principal)
+        # A page may hold fewer than page_size artifacts (those of others are left out); the token goes on.
         return artifacts_pb2.ListResponse(
-            artifacts=[artifact_message(m) for m in manifests], next_page_token=next_token
+            artifacts=[
+                artifact_message(m, self.access.visible_meta(m, principal))
+                for m in manifests
+                if m.key in readable
+            ],
+            next_page_token=next_token,
         )
 
     # -- Delete ---------------------------------------------------------------------------------------------
@@ -244,14 +277,17 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     ) -> artifacts_pb2.DeleteResponse:
         """Remove an artifact from every tier; refused (ArtifactInUse) while a running job pins it."""
         _check_digest(request.digest)
+        gone = f"no artifact {request.digest} on this server (nothing was deleted)"
+        self.access.require_readable(request.digest, current_principal(), gone)
         if not self.store.delete(request.digest, if_unpinned=True):
-            raise ArtifactNotFound(f"no artifact {request.digest} on this server (nothing was deleted)")
+            raise ArtifactNotFound(gone)
+        self.access.forget(request.digest)
         log.info("deleted artifact %s", request.digest)
         return artifacts_pb2.DeleteResponse()
 
 
-def artifact_message(manifest: Manifest) -> artifacts_pb2.Artifact:
-    """The API's description of a stored artifact."""
+def artifact_message(manifest: Manifest, meta: dict[str, Any] | None = None) -> artifacts_pb2.Artifact:
+    """The API's description of a stored artifact, with `meta` (default: all of its metadata)."""
     created = timestamp_pb2.Timestamp()
     created.FromNanoseconds(int(manifest.created * 1e9))
     return artifacts_pb2.Artifact(
@@ -261,7 +297,7 @@ def artifact_message(manifest: Manifest) -> artifacts_pb2.Artifact:
         total_size=manifest.total_size,
         files=[_file_info(n, e) for n, e in sorted(manifest.files.items())],
         primary=manifest.primary or "",
-        meta_json=json.dumps(manifest.meta, sort_keys=True, ensure_ascii=False),
+        meta_json=json.dumps(manifest.meta if meta is None else meta, sort_keys=True, ensure_ascii=False),
     )
 
 
@@ -281,8 +317,8 @@ def _not_found_message(digest: str) -> str:
     )
 
 
-def _suggested_filename(manifest: Manifest, name: str) -> str:
-    original = manifest.meta.get("filename") if manifest.kind == "video" else None
+def _suggested_filename(manifest: Manifest, name: str, meta: dict[str, Any]) -> str:
+    original = meta.get("filename") if manifest.kind == "video" else None
     if isinstance(original, str) and original and name == manifest.primary:
         return original
     return f"{manifest.key[:12]}-{name}"

@@ -32,14 +32,29 @@ STAGE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def stage_channel(target: str, service_name: str, file_descriptor: Any) -> grpc.Channel:
+def stage_channel(
+    target: str,
+    service_name: str,
+    file_descriptor: Any,
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+) -> grpc.Channel:
     """A channel to the replicas of one stage at `target`, balancing over the SERVING ones.
 
     `file_descriptor` is the stage's generated ``*_pb2.DESCRIPTOR`` (its unary methods, e.g. Cancel, get
-    wait-for-ready and the default deadline).
+    wait-for-ready and the default deadline). `credentials` for TLS (services/tls.py), `token` the
+    Editor's bearer token (services/auth.py).
     """
     services, unary = unary_methods_of([file_descriptor])
-    return make_channel(target, STAGE_CHANNEL_OPTIONS, services, unary, health_service=service_name)
+    return make_channel(
+        target,
+        STAGE_CHANNEL_OPTIONS,
+        services,
+        unary,
+        health_service=service_name,
+        credentials=credentials,
+        token=token,
+    )
 
 
 def backend_count(target: str) -> int:

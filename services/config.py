@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, HEALTH_RESERVE
+from tokenflow.limits import MAX_DECODED_FRAMES, MAX_PIXELS_PER_FRAME, DecodeLimits
+
 STAGES: tuple[str, ...] = ("inversion", "keyframes", "propagation")
 """The GPU stages, each its own gRPC service sharing one model per process."""
 SERVICES: tuple[str, ...] = (*STAGES, "editor", "artifacts")
@@ -83,15 +86,46 @@ def parse_services(text: str | Iterable[str]) -> frozenset[str]:
     return frozenset(items) | {"artifacts"}
 
 
+_PATH_FIELDS: tuple[str, ...] = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "auth_token_file",
+    "internal_tls_ca",
+    "internal_tls_cert",
+    "internal_tls_key",
+    "internal_token_file",
+)
+"""Access-control files: flags of the same name (``--tls-cert`` ...), paths, "" or None = not set."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything a server process needs; defaults are the embedded single-process setup."""
 
     services: frozenset[str] = frozenset(SERVICES)
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
+    """Loopback by default: binding another address (0.0.0.0 in a container) is a choice, with TLS and
+    tokens when the network is not trusted (README, "Access control")."""
     port: int = 50051
     metrics_port: int | None = 9090
     """Prometheus /metrics port; 0 picks a free one, None disables the endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Where /metrics listens (its own address: Prometheus often scrapes from another network)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """PEM certificate chain and key: every port of this server speaks TLS (None = plaintext)."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: callers must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """Bearer tokens every RPC but health needs (services/auth.py); None = no authentication."""
+    internal_tls_ca: Path | None = None
+    internal_tls_cert: Path | None = None
+    internal_tls_key: Path | None = None
+    """Editor -> stages TLS: the CA of the stages' certificates and the Editor's client certificate; see
+    services/tls.py for the defaults taken from the server's own files."""
+    internal_token_file: Path | None = None
+    """The token the Editor presents to the stages; None = the first admin token of auth_token_file."""
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size_bytes: int = 20 * 10**9
     shared_store: Path | None = None
@@ -117,6 +151,14 @@ class ServerConfig:
     max_upload_bytes: int = 2 * GiB
     max_workers: int = 64
     """gRPC handler threads. Each streaming call holds one while it waits, so keep plenty for health."""
+    max_concurrent_rpcs: int | None = None
+    """Calls of our services in flight at once; past it RESOURCE_EXHAUSTED (SERVER_BUSY). None =
+    max_workers - 8, so the threads left over always answer health (services/limits.py)."""
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
+    """An upload stream that sends nothing for this long is closed (RESOURCE_EXHAUSTED, UPLOAD_STALLED)."""
+    max_decoded_frames: int = MAX_DECODED_FRAMES
+    max_pixels_per_frame: int = MAX_PIXELS_PER_FRAME
+    """Decode limits of an uploaded video, checked on every decoded frame and before queuing (probe)."""
     shutdown_grace_seconds: float | None = None
     """On SIGTERM, how long running jobs may finish before they are cancelled; None = job_grace_seconds."""
     preload_model: bool = True
@@ -144,6 +186,12 @@ class ServerConfig:
         object.__setattr__(self, "cache_dir", Path(os.path.expanduser(str(self.cache_dir))))
         if self.shared_store is not None:
             object.__setattr__(self, "shared_store", Path(os.path.expanduser(str(self.shared_store))))
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and str(value) != "":
+                object.__setattr__(self, name, Path(os.path.expanduser(str(value))))
+            else:
+                object.__setattr__(self, name, None)
         self.validate()
 
     def validate(self) -> ServerConfig:
@@ -180,10 +228,28 @@ class ServerConfig:
             raise ValueError("--inversion-shards must be >= 1 and --inversion-shard-frames >= 0")
         if self.max_upload_bytes <= 0:
             raise ValueError("--max-upload-bytes must be positive")
+        for cert, key, flags in (
+            (self.tls_cert, self.tls_key, "--tls-cert and --tls-key"),
+            (self.internal_tls_cert, self.internal_tls_key, "--internal-tls-cert and --internal-tls-key"),
+        ):
+            if (cert is None) != (key is None):
+                raise ValueError(f"TLS needs a certificate and its key: give both {flags}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs TLS: add --tls-cert and --tls-key")
         if self.max_workers < 8:
             raise ValueError(
                 f"max_workers must be >= 8 so health checks answer while jobs run, got {self.max_workers}"
             )
+        most = self.max_workers - HEALTH_RESERVE
+        if self.max_concurrent_rpcs is not None and not 1 <= self.max_concurrent_rpcs <= most:
+            raise ValueError(
+                f"--max-concurrent-rpcs must be in 1..{most} (--max-workers minus {HEALTH_RESERVE} kept for "
+                f"health), got {self.max_concurrent_rpcs}"
+            )
+        if not (self.upload_idle_seconds > 0 and math.isfinite(self.upload_idle_seconds)):
+            raise ValueError(f"--upload-idle-seconds must be > 0, got {self.upload_idle_seconds}")
+        if self.max_decoded_frames < 1 or self.max_pixels_per_frame < 1:
+            raise ValueError("--max-decoded-frames and --max-pixels-per-frame must be >= 1")
         if not self.model:
             raise ValueError("--model needs a preset name (tiny, sd15-arch, sd21-arch) or a diffusers folder")
         if "editor" in self.services:
@@ -207,6 +273,17 @@ class ServerConfig:
     def stages(self) -> tuple[str, ...]:
         """The GPU stages this process hosts, in pipeline order."""
         return tuple(s for s in STAGES if s in self.services)
+
+    @property
+    def rpc_limit(self) -> int:
+        """Concurrent calls of our services (`max_concurrent_rpcs`, default max_workers - 8)."""
+        return self.max_concurrent_rpcs or max(1, self.max_workers - HEALTH_RESERVE)
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels_per_frame=self.max_pixels_per_frame, max_decoded_frames=self.max_decoded_frames
+        )
 
     @property
     def shutdown_grace(self) -> float:
@@ -240,13 +317,50 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help=f"'all' or a comma list of {', '.join(SERVICES[:-1])} (artifacts is always served); default all",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 = every interface: "
+        "then use TLS and tokens unless the network is trusted)",
+    )
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument(
         "--metrics-port",
         type=int,
         default=9090,
         help="Prometheus port; 0 = pick one, -1 = off (default 9090)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)"
+    )
+    g = p.add_argument_group("access control (README: Access control)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS on every port")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA bundle: require client certificates it signed (mTLS)"
+    )
+    g.add_argument(
+        "--auth-token-file",
+        default=None,
+        help="bearer tokens, one per line: TOKEN [PRINCIPAL [user|admin]]; every RPC but health needs one",
+    )
+    g.add_argument(
+        "--internal-tls-ca",
+        default=None,
+        help="editor: CA of the stages' certificates (default with TLS: --tls-client-ca, else --tls-cert)",
+    )
+    g.add_argument(
+        "--internal-tls-cert",
+        default=None,
+        help="editor: client certificate for mTLS to the stages (default: --tls-cert)",
+    )
+    g.add_argument(
+        "--internal-tls-key", default=None, help="editor: key of --internal-tls-cert (default: --tls-key)"
+    )
+    g.add_argument(
+        "--internal-token-file",
+        default=None,
+        help="editor: file with its token for the stages (default: the first admin of --auth-token-file)",
     )
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
     p.add_argument(
@@ -281,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
     )
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=0,
+        help="calls in flight at once, past it RESOURCE_EXHAUSTED; 0 = --max-workers minus 8, kept for "
+        "health (default 0)",
+    )
+    p.add_argument(
+        "--upload-idle-seconds",
+        type=float,
+        default=DEFAULT_UPLOAD_IDLE_SECONDS,
+        help=f"close an upload that sends nothing for this long (default {DEFAULT_UPLOAD_IDLE_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-decoded-frames",
+        type=int,
+        default=MAX_DECODED_FRAMES,
+        help=f"most frames decoded from one upload, skipped ones included (default {MAX_DECODED_FRAMES})",
+    )
+    p.add_argument(
+        "--max-pixels-per-frame",
+        type=int,
+        default=MAX_PIXELS_PER_FRAME,
+        help=f"largest decoded picture, width x height, of every frame (default {MAX_PIXELS_PER_FRAME})",
+    )
     p.add_argument(
         "--max-connection-age-seconds",
         type=float,
@@ -380,6 +519,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
+        **{name: getattr(args, name) for name in _PATH_FIELDS},
         cache_dir=Path(args.cache_dir),
         cache_size_bytes=parse_size(args.cache_size),
         shared_store=Path(args.shared_store) if args.shared_store else None,
@@ -397,6 +538,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         job_grace_seconds=args.job_grace_seconds,
         max_upload_bytes=parse_size(args.max_upload_bytes),
         max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        upload_idle_seconds=args.upload_idle_seconds,
+        max_decoded_frames=args.max_decoded_frames,
+        max_pixels_per_frame=args.max_pixels_per_frame,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds or None,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,

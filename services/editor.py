@@ -21,6 +21,12 @@ call; a stage job whose every caller has gone is cancelled after its grace perio
 the stream with the stage's status and details (the stage's address never
 appears in a message; an unreachable stage is UNAVAILABLE with reason STAGE_UNAVAILABLE).
 
+Access control. The stage channels use TLS and the Editor's own token when the server is configured
+so (services/tls.py, services/auth.py). The Editor calls the stages as an admin on behalf of its caller
+(``x-tokenflow-on-behalf-of``), so stage jobs and their results belong to the caller, and it records
+every result it relays as requested by the caller in its own server's ownership index
+(services/access.py), where the caller downloads them.
+
 Failover. A stage job is idempotent: its id is the content address of its result, so asking another
 replica for it gives the same artifact (or re-attaches to the running job, or returns the stored result).
 The stage channels balance round robin over the replicas that report SERVING (services/channels.py), and
@@ -51,6 +57,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.access import OPEN, Access
+from services.auth import Principal, call_metadata, current_principal
 from services.channels import STAGE_CHANNEL_OPTIONS, backend_count, stage_channel
 from services.convert import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
 from services.errors import DeadlineExceeded, StageUnavailable, outcome_for, relayed
@@ -144,6 +152,9 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         metrics: Metrics,
         edit_parallelism: int | None = None,
         stage_wait_seconds: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        access: Access = OPEN,
     ) -> None:
         for name, target in (
             ("inversion", inversion_target),
@@ -157,6 +168,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         self.store = artifacts_store
         self.metrics = metrics
         self.stage_wait_seconds = stage_wait_seconds
+        self.access = access
         self._edit_parallelism = edit_parallelism
         self._targets = {
             "inversion": inversion_target,
@@ -165,11 +177,16 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         }
         # One channel per stage, each checking its replicas' health for that stage's service name, so
         # round robin only picks replicas that can run the stage now.
+        secure = {"credentials": credentials, "token": token}
         self._channels: dict[str, grpc.Channel] = {
-            "inversion": stage_channel(inversion_target, "tokenflow.v1.Inversion", inversion_pb2.DESCRIPTOR),
-            "keyframes": stage_channel(keyframes_target, "tokenflow.v1.Keyframes", keyframes_pb2.DESCRIPTOR),
+            "inversion": stage_channel(
+                inversion_target, "tokenflow.v1.Inversion", inversion_pb2.DESCRIPTOR, **secure
+            ),
+            "keyframes": stage_channel(
+                keyframes_target, "tokenflow.v1.Keyframes", keyframes_pb2.DESCRIPTOR, **secure
+            ),
             "propagation": stage_channel(
-                propagation_target, "tokenflow.v1.Propagation", propagation_pb2.DESCRIPTOR
+                propagation_target, "tokenflow.v1.Propagation", propagation_pb2.DESCRIPTOR, **secure
             ),
         }
         self._inversion = inversion_pb2_grpc.InversionStub(self._channels["inversion"])
@@ -210,8 +227,9 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
     ) -> Iterator[editor_pb2.EditResponse]:
         downstream = _DownstreamCall()
         context.add_callback(downstream.cancel)
+        principal = current_principal()
         try:
-            yield from self._edit(request, context, downstream)
+            yield from self._edit(request, context, downstream, principal)
         except Exception as e:  # mapped to a status by services.errors.ErrorInterceptor
             outcome = outcome_for(e)
             if outcome not in ("cancelled", "deadline_exceeded"):
@@ -225,8 +243,10 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         request: editor_pb2.EditRequest,
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
+        principal: Principal | None = None,
     ) -> Iterator[editor_pb2.EditResponse]:
         edit_keys = _validate(request)
+        metadata = call_metadata(principal)
 
         invert = inversion_pb2.InvertRequest(video_digest=request.video_digest)
         if request.HasField("decode"):
@@ -234,9 +254,10 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         if request.HasField("inversion"):
             invert.inversion.CopyFrom(request.inversion)
         inversion: common_pb2.Result | None = None
-        for event in self._call("inversion", self._inversion.Invert, invert, context, downstream):
+        for event in self._call("inversion", self._inversion.Invert, invert, context, downstream, metadata):
             if event.WhichOneof("event") == "result":
                 inversion = event.result
+                self.access.record(inversion.digest, principal, "requested")
             yield _tagged(-1, event)
         if inversion is None:
             raise RuntimeError("the inversion stage ended its stream without a result")
@@ -246,7 +267,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         for index, key in enumerate(edit_keys):
             groups.setdefault(key, []).append(index)
         runs = [
-            self._edit_run(request, inversion.digest, indices, context, downstream)
+            self._edit_run(request, inversion.digest, indices, context, downstream, principal)
             for indices in groups.values()
         ]
         parallelism = 1 if request.keyframes_only else self.edit_parallelism
@@ -263,6 +284,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         indices: list[int],
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
+        principal: Principal | None = None,
     ) -> Callable[[], Iterator[editor_pb2.EditResponse]]:
         """The events of one distinct edit (and the copies of its result for its duplicates), lazily."""
         first = indices[0]
@@ -279,9 +301,11 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
 
         def run() -> Iterator[editor_pb2.EditResponse]:
             result: common_pb2.Result | None = None
-            for event in self._call(stage, method, stage_request, context, downstream):
+            calls = self._call(stage, method, stage_request, context, downstream, call_metadata(principal))
+            for event in calls:
                 if event.WhichOneof("event") == "result":
                     result = event.result
+                    self.access.record(result.digest, principal, "requested")
                 yield _tagged(first, event)
             if result is None:
                 raise RuntimeError(f"the {stage} stage ended its stream without a result")
@@ -301,6 +325,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         request: Any,
         context: grpc.ServicerContext,
         downstream: _DownstreamCall,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> Iterator[Any]:
         """Run a stage's streaming call with the caller's remaining time, failing over (module docstring);
         yield its events.
@@ -317,7 +342,9 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the caller's deadline passed")
             self._wait_for_replica(stage, remaining, downstream)
-            call = method(request, timeout=_time_remaining(context), wait_for_ready=True)
+            call = method(
+                request, timeout=_time_remaining(context), wait_for_ready=True, metadata=metadata or None
+            )
             downstream.start(call)
             got_result = False
             error: grpc.RpcError | None = None

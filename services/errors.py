@@ -109,6 +109,25 @@ def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
         yield request
 
 
+class Unauthenticated(Exception):
+    """No valid credential on a call that needs one (services.auth): missing, malformed or unknown token.
+
+    `problem` ("missing", "malformed", "invalid") goes to the ErrorInfo metadata; the token never does.
+    """
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+class PermissionDenied(Exception):
+    """An authenticated principal may not do this (services.auth); `action` names what was refused."""
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message)
+        self.action = action
+
+
 class RelayedStatus(Exception):
     """A status another of our servers sent (the Editor relays a stage's), passed on with its details."""
 
@@ -132,6 +151,8 @@ class ErrorClass:
 # Checked in order: the first matching class decides (subclasses before their bases).
 _C = grpc.StatusCode
 ERRORS: tuple[ErrorClass, ...] = (
+    ErrorClass(Unauthenticated, _C.UNAUTHENTICATED, "UNAUTHENTICATED", None, "a valid token is required"),
+    ErrorClass(PermissionDenied, _C.PERMISSION_DENIED, "PERMISSION_DENIED", None, "not allowed"),
     ErrorClass(ShuttingDown, _C.UNAVAILABLE, "SHUTTING_DOWN", 1.0, "the server is shutting down"),
     ErrorClass(StageUnavailable, _C.UNAVAILABLE, "STAGE_UNAVAILABLE", 5.0, "a stage is unreachable"),
     ErrorClass(TierUnavailable, _C.UNAVAILABLE, "STORE_UNAVAILABLE", 5.0, "the store is unreachable"),
@@ -189,7 +210,7 @@ def _message(exc: BaseException, default: str) -> str:
 def _metadata(exc: BaseException) -> dict[str, str]:
     """The structured data a library error carries (the limit or field concerned) as ErrorInfo metadata."""
     out: dict[str, str] = {}
-    for attribute in ("field", "limit_name", "limit", "stage"):
+    for attribute in ("field", "limit_name", "limit", "stage", "problem", "action"):
         value = getattr(exc, attribute, None)
         if value is not None:
             out[attribute] = str(value)

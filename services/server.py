@@ -11,6 +11,12 @@ Shutdown (SIGTERM/SIGINT, or `RunningServer.stop`): health turns NOT_SERVING and
 UNAVAILABLE at once; running jobs get the shutdown grace to finish, then are cancelled (their callers get
 UNAVAILABLE: retry elsewhere); then gRPC and /metrics stop. A second signal exits immediately (artifacts
 are published atomically, so nothing partial is left).
+
+Access control (README, "Access control"): the server binds loopback unless `--host` says otherwise;
+`--tls-cert`/`--tls-key` (and `--tls-client-ca` for mutual TLS) make its port TLS-only
+(services/tls.py); `--auth-token-file` puts `services.auth.AuthInterceptor` innermost, so the error
+interceptor and the metrics see its refusals like any other status, and the servicers share one
+`services.access.Access` over the store's ownership index.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2_grpc
 
-from services import artifacts, reflection, server_info
+from services import artifacts, reflection, server_info, tls
+from services.access import Access
+from services.auth import AuthInterceptor, TokenTable, read_token_file
 from services.channels import server_options
 from services.config import (  # noqa: F401 - build_parser/config_from_args re-exported for callers
     ServerConfig,
@@ -40,6 +48,7 @@ from services.config import (  # noqa: F401 - build_parser/config_from_args re-e
 )
 from services.errors import ErrorInterceptor
 from services.grpc_metrics import PrometheusServerInterceptor
+from services.limits import ConcurrencyLimiter
 from services.logging_setup import configure_logging
 from services.metrics import Metrics, MetricsServer
 from services.model_host import ModelHost
@@ -50,6 +59,7 @@ log = logging.getLogger(__name__)
 
 EDITOR_SERVICE_NAME = "tokenflow.v1.Editor"
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
 
 
 def _import_editor() -> Any:
@@ -84,6 +94,7 @@ class RunningServer:
     readiness: server_info.Readiness | None = None
     metrics_server: MetricsServer | None = None
     owns_store: bool = False
+    access: Access | None = None
     _executor: futures.ThreadPoolExecutor | None = None
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: bool = False
@@ -138,6 +149,8 @@ class RunningServer:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.owns_store:
             self.store.close()
+        if self.access is not None:
+            self.access.close()
         self._stopped.set()
         log.info("server stopped")
 
@@ -196,6 +209,19 @@ def build_server(
     process); by default each server makes its own from the config.
     """
     metrics = metrics if metrics is not None else Metrics()
+    tokens = TokenTable.load(config.auth_token_file) if config.auth_token_file is not None else None
+    internal_token = (
+        read_token_file(config.internal_token_file)
+        if config.internal_token_file is not None
+        else (tokens.admin_token if tokens is not None else None)
+    )
+    if "editor" in config.services and tokens is not None and internal_token is None:
+        raise ValueError(
+            "the editor needs a token for the stages: add an admin line (TOKEN NAME admin) to "
+            "--auth-token-file, or pass --internal-token-file"
+        )
+    server_credentials = tls.server_credentials(config)
+    internal_credentials = tls.internal_channel_credentials(config) if "editor" in config.services else None
     owns_store = store is None
     if store is None:
         store = ArtifactStore(
@@ -210,11 +236,20 @@ def build_server(
             ),
             metrics=metrics,
         )
+    access = Access.open(store.directory, enabled=tokens is not None)
     executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc")
+    limiter = ConcurrencyLimiter(config.rpc_limit)  # threads left for health (services/limits.py)
+    interceptors: list[grpc.ServerInterceptor] = [
+        PrometheusServerInterceptor(metrics),
+        ErrorInterceptor(metrics),
+        limiter,
+    ]
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens, access.check_inputs))
     server = grpc.server(
         executor,
         # Outermost first: grpc_server_* metrics see the status the error interceptor sets.
-        interceptors=[PrometheusServerInterceptor(metrics), ErrorInterceptor(metrics)],
+        interceptors=interceptors,
         # so_reuseport 0: else Linux lets a second server bind the same port and silently share its traffic.
         options=[
             ("grpc.so_reuseport", 0),
@@ -225,17 +260,21 @@ def build_server(
     try:
         address = _host_port(config.host, config.port)
         try:
-            port = server.add_insecure_port(address)
+            if server_credentials is not None:
+                port = server.add_secure_port(address, server_credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e} (is the port in use?)") from e
         if port == 0:
             raise OSError(f"cannot listen on {address} (is the port in use?)")
 
         names: list[str] = []
-        artifacts.add_to_server(
-            server,
-            artifacts.ArtifactsServicer(store, max_upload_bytes=config.max_upload_bytes, metrics=metrics),
+        artifacts_servicer = artifacts.ArtifactsServicer(
+            store, max_upload_bytes=config.max_upload_bytes, metrics=metrics, access=access
         )
+        artifacts_servicer.upload_idle_seconds = config.upload_idle_seconds
+        artifacts.add_to_server(server, artifacts_servicer)
         names.append(artifacts.SERVICE_NAME)
 
         if config.stages:
@@ -250,6 +289,8 @@ def build_server(
                         max_queue=config.max_queue,
                         grace_seconds=config.job_grace_seconds,
                     )
+                    stage.access = access
+                    stage.decode_limits = config.decode_limits
                     add(server, stage)
                     stages[name] = stage
                     names.append(cls.service_name)
@@ -274,6 +315,7 @@ def build_server(
             stages=stages,
             model_host=model_host,
             owns_store=owns_store,
+            access=access,
             _executor=executor,
         )
 
@@ -290,6 +332,9 @@ def build_server(
                 # Embedded (no propagation address): one process, one model, so one edit at a time.
                 edit_parallelism=config.edit_parallelism or (None if config.propagation_addr else 1),
                 stage_wait_seconds=config.stage_wait_seconds,
+                credentials=internal_credentials,
+                token=internal_token,
+                access=access,
             )
             editor_module.add_to_server(server, running.editor)
             names.append(EDITOR_SERVICE_NAME)
@@ -297,6 +342,7 @@ def build_server(
         running.readiness = server_info.Readiness(
             running.health, metrics, model_host if stages else None, preload=config.preload_model
         )
+        store.add_health_listener(running.readiness.store_changed)  # NOT_SERVING while it cannot write
         server_info.add_to_server(
             server,
             server_info.ServerInfoServicer(
@@ -322,11 +368,12 @@ def build_server(
             stage.jobs.shutdown(grace=0)
         if owns_store:
             store.close()
+        access.close()
         raise
 
     if config.metrics_port is not None:
         try:
-            running.metrics_server = metrics.serve(config.metrics_port, addr=config.host or "0.0.0.0")
+            running.metrics_server = metrics.serve(config.metrics_port, addr=config.metrics_host or "0.0.0.0")
         except OSError as e:
             running.stop(grace=0)
             raise OSError(f"cannot serve metrics on port {config.metrics_port}: {e}") from e
@@ -340,6 +387,15 @@ def build_server(
             )
         if config.preload_model and stages:
             model_host.load_in_background()  # the stages turn SERVING once it is loaded and warmed
+    if config.host not in _LOOPBACK_HOSTS and (server_credentials is None or tokens is None):
+        log.warning(
+            "listening on %s without %s: anyone who reaches this address can use the server. "
+            "Add them unless the network is trusted (README: Access control)",
+            address,
+            " and ".join(
+                w for w, off in (("TLS", server_credentials is None), ("tokens", tokens is None)) if off
+            ),
+        )
     log.info("serving %s on %s", ", ".join(running.service_names), address)
     return running
 

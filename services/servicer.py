@@ -11,7 +11,9 @@ Every stage RPC follows one order, so every stage behaves the same for callers:
 5. the caller streams the job's progress and then its result. A caller who leaves (deadline, cancel,
    dropped connection) only detaches: the job keeps running for the grace period, for a re-attach.
 
-Servicers raise; services.errors.ErrorInterceptor maps exceptions to statuses for every RPC.
+Servicers raise; services.errors.ErrorInterceptor maps exceptions to statuses for every RPC. With tokens
+(services/auth.py) every caller of a job is attached to it by name and every result it receives is
+recorded as requested by it; Cancel is for attached callers and admins (services/access.py).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from typing import Any, ClassVar
 
 import grpc
 
+from services.access import OPEN, Access
+from services.auth import current_principal
 from services.convert import artifact_kind, check_digest, enum_value, progress_message
 from services.errors import outcome_for
 from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
 from services.store import ArtifactStore, Manifest
+from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow_pb.v1 import common_pb2
 
 
@@ -43,11 +48,12 @@ class JobOutput:
 def already_stored(store: ArtifactStore, key: str, kind: str) -> JobOutput | None:
     """A job's first step: the result may have been published since the caller looked (counted once).
 
-    `contains` first, so the caller's miss is not counted twice in the cache metrics.
+    `contains` first, so the caller's miss is not counted twice in the cache metrics. Verified: a
+    corrupt stored result is removed and recomputed, never returned.
     """
     if not store.contains(key):
         return None
-    stored = store.get(key, kind=kind)
+    stored = store.get(key, kind=kind, verify=True)
     return JobOutput(stored.manifest, computed=False) if stored is not None else None
 
 
@@ -73,6 +79,10 @@ class StageServicer:
     response_type: ClassVar[Any]
     """The job RPC's stream message (InvertResponse, ...): a oneof `event` of `progress` or `result`."""
     cancel_response_type: ClassVar[Any]
+    decode_limits: DecodeLimits = DEFAULT_LIMITS
+    """What decoding an upload may cost; the server sets its configured limits."""
+    access: Access = OPEN
+    """Access control; the server sets its own (services/access.py)."""
 
     def __init__(
         self,
@@ -124,8 +134,11 @@ class StageServicer:
         request metrics (`method` names the RPC in logs only).
         """
         p = plan()
-        stored = self.store.get(p.key, kind=self.kind)
+        principal = current_principal()
+        # A cache hit hashes every file: a corrupt result is removed here and recomputed below.
+        stored = self.store.get(p.key, kind=self.kind, verify=True)
         if stored is not None:
+            self.access.record(p.key, principal, "requested")
             yield self.response_type(progress=self._cached_progress(p.key))
             yield self.response_type(result=self.result(stored.manifest, cache_hit=True))
             return
@@ -134,11 +147,13 @@ class StageServicer:
         if self.jobs.get(p.key) is None:  # a running job already passed its pre-flight check
             p.precheck()
         job = self.jobs.submit(p.key, p.run)
+        self.access.attach(job, principal)
         with job.subscribe(is_active=context.is_active) as sub:
             context.add_callback(sub.close)
             for event in sub:
                 if isinstance(event, ResultEvent):
                     out: JobOutput = event.result
+                    self.access.record(out.manifest.key, principal, "requested")
                     yield self.response_type(result=self.result(out.manifest, cache_hit=not out.computed))
                 else:
                     yield self.response_type(progress=progress_message(event.job_id, event.data))
@@ -155,6 +170,9 @@ class StageServicer:
     def cancel(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The stages' Cancel RPC: stop a queued or running job for every attached caller."""
         check_digest(request.job_id, "job_id", "use Progress.job_id or Result.job_id of the job")
+        job = self.jobs.get(request.job_id)
+        if job is not None:
+            self.access.require_cancel(job, current_principal(), self.stage)
         cancelled = self.jobs.cancel(request.job_id, "cancelled by request (Cancel)")
         message = (
             f"{self.stage} job {request.job_id[:12]} cancelled"

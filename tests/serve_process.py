@@ -39,7 +39,8 @@ class ServeProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, *entry, "--host", host, "--port", "0", *args],
+            # /metrics on the same loopback address as gRPC (it binds 127.0.0.1 unless told otherwise)
+            [sys.executable, *entry, "--host", host, "--metrics-host", host, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
