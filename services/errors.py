@@ -175,6 +175,8 @@ ERRORS: tuple[ErrorClass, ...] = (
     ErrorClass(DataLoss, _C.DATA_LOSS, "DATA_LOSS", 1.0, "the data changed during the transfer"),
 )
 INTERNAL_REASON = "INTERNAL"
+IMPLEMENTED_STANDARD_SERVICES = frozenset({"google.longrunning.Operations"})
+"""Standard services whose handlers are ours (services/operations.py): errors and metrics as for ours."""
 
 _ADDRESS = re.compile(
     r"(?:ipv4:|ipv6:|dns:(?://[^/\s]*/)?|unix:|unix-abstract:)?"
@@ -356,8 +358,9 @@ class _Request:
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to google.rpc statuses and records the request metrics, for every RPC.
 
-    Only handlers of our own services (tokenflow.v1.*) are wrapped: grpc's health and reflection
-    handlers keep their own behaviour (and their non-blocking streaming modes).
+    Only handlers of our own services (tokenflow.v1.*, and the standard services we implement:
+    `IMPLEMENTED_STANDARD_SERVICES`) are wrapped: grpc's health and reflection handlers keep their own
+    behaviour (and their non-blocking streaming modes).
     """
 
     def __init__(self, metrics: Metrics | None) -> None:
@@ -372,7 +375,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service, method = _split(handler_call_details.method)
-        if not service.startswith(DOMAIN + "."):
+        if not service.startswith(DOMAIN + ".") and service not in IMPLEMENTED_STANDARD_SERVICES:
             return handler
         label = _service_label(service)
         kwargs: dict[str, Any] = {

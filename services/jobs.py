@@ -16,6 +16,9 @@ Finished jobs are forgotten at once: their results live in the artifact store, s
 store before submitting (and the job function should check it again first thing, because a job that
 finished between that check and `submit` is gone from the table).
 
+Across replicas, a `coordinator` (services/leasing.py) runs each job under a lease in the shared tier, so
+identical jobs on different replicas compute once; without one, jobs are this process's alone.
+
 Nothing here knows about torch or gRPC; servicers translate events and exceptions. A worker hands its
 OpenMP team back (`tokenflow.threads.release_openmp_team`) when a job's function returns, before anyone
 hears the result: libgomp keeps one team per thread that ever computed and throttles every team's
@@ -310,6 +313,7 @@ class JobManager:
         grace_seconds: float = 120.0,
         metrics: Any = None,
         outcome_of: Callable[[BaseException | None], str] = default_outcome,
+        coordinator: Any = None,
     ) -> None:
         if workers < 1 or max_queue < 0 or grace_seconds < 0:
             raise ValueError("need workers >= 1, max_queue >= 0, grace_seconds >= 0")
@@ -319,6 +323,8 @@ class JobManager:
         self.grace_seconds = grace_seconds
         self.metrics = metrics
         self._outcome_of = outcome_of
+        self.coordinator = coordinator
+        """A `services.leasing.Coordinator`: jobs run under a lease shared with other replicas (or None)."""
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._jobs: dict[str, Job[Any]] = {}  # queued or running, by id
@@ -485,7 +491,10 @@ class JobManager:
             if job._cancel_event.is_set():
                 ctx.check_cancelled()
             try:
-                result = job._fn(ctx)
+                if self.coordinator is not None:
+                    result = self.coordinator.run(ctx, job.id, lambda: job._fn(ctx))
+                else:
+                    result = job._fn(ctx)
             finally:
                 self._release_thread_resources()  # before a subscriber can start the next stage's work
         except BaseException as e:  # delivered to every subscriber

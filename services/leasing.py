@@ -55,22 +55,23 @@ class Coordinator:
         self,
         leases: LeaseTable,
         holder: str,
+        stored: Callable[[str], Any],
         ttl: float = DEFAULT_TTL_SECONDS,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
     ) -> None:
         self.leases = leases
         self.holder = holder
+        self.stored = stored
+        """The job's result if it is published (in either tier), else None."""
         self.ttl = ttl
         self.poll_seconds = poll_seconds
 
-    def run(
-        self,
-        ctx: JobContext,
-        key: str,
-        stored: Callable[[], T | None],
-        compute: Callable[[], T],
-    ) -> T:
+    def run(self, ctx: JobContext, key: str, compute: Callable[[], T]) -> T:
         """The job's result: stored, computed here under the lease, or computed by the lease's holder."""
+
+        def stored() -> Any:
+            return self.stored(key)
+
         stale_gen: int | None = None
         while True:
             found = stored()

@@ -138,8 +138,8 @@ class Replica:
 
     def __init__(self, name: str, medium: LeaseMedium, results: dict[str, str], ttl: float) -> None:
         self.name = name
-        self.jobs = JobManager("inversion", max_queue=4, grace_seconds=30)
-        self.coordinator = Coordinator(LeaseTable(medium), holder=name, ttl=ttl, poll_seconds=0.02)
+        self.coordinator = Coordinator(LeaseTable(medium), name, results.get, ttl=ttl, poll_seconds=0.02)
+        self.jobs = JobManager("inversion", max_queue=4, grace_seconds=30, coordinator=self.coordinator)
         self.results = results
         self.computed = 0
         self.started = threading.Event()
@@ -155,10 +155,7 @@ class Replica:
             self.results[key] = f"computed by {self.name}"
             return self.results[key]
 
-        def run(ctx: JobContext) -> str:
-            return self.coordinator.run(ctx, key, lambda: self.results.get(key), lambda: compute(ctx))
-
-        return self.jobs.submit(key, run)
+        return self.jobs.submit(key, compute)
 
     def close(self) -> None:
         self.release.set()
