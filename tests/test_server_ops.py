@@ -145,7 +145,9 @@ def check(channel: grpc.Channel, service: str) -> int:
 
 
 def test_health_is_serving_for_every_registered_service(server: RunningServer, channel: grpc.Channel) -> None:
-    assert set(server.service_names) == {"tokenflow.v1.Artifacts", *STAGE_SERVICES, "tokenflow.v1.ServerInfo"}
+    assert set(server.service_names) == {
+        "tokenflow.v1.Artifacts", *STAGE_SERVICES, "google.longrunning.Operations", "tokenflow.v1.ServerInfo"
+    }  # fmt: skip
     for name in ("", *server.service_names):
         assert check(channel, name) == SERVING, name
     with pytest.raises(grpc.RpcError) as info:
@@ -202,6 +204,7 @@ def test_a_stage_process_serves_only_its_stage(tmp_path: Path, host: ModelHost) 
         assert running.service_names == (
             "tokenflow.v1.Artifacts",
             "tokenflow.v1.Inversion",
+            "google.longrunning.Operations",
             "tokenflow.v1.ServerInfo",
         )
         assert running.metrics_port is None
