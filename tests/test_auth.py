@@ -521,3 +521,25 @@ def test_editor_needs_a_stage_credential(tmp_path: Path) -> None:
         _config(tmp_path, "artifacts", tls_cert=tmp_path / "c.pem")
     with pytest.raises(ValueError, match="mutual TLS"):
         _config(tmp_path, "artifacts", tls_client_ca=tmp_path / "ca.pem")
+
+
+def test_manifests_bind_every_interface_explicitly() -> None:
+    """The server binds loopback by default, so every container must ask for 0.0.0.0 itself."""
+    import yaml
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    arg_lists: list[list[str]] = []
+    for name in ("inversion", "keyframes", "propagation", "editor"):
+        for doc in yaml.safe_load_all((deploy / "k8s" / f"{name}.yaml").read_text()):
+            if doc and doc.get("kind") == "Deployment":
+                (container,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c.get("args")]
+                arg_lists.append([str(a) for a in container["args"]])
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    arg_lists += [
+        [str(a) for a in s["command"]]
+        for s in compose["services"].values()
+        if "command" in s and any(str(a).startswith("--services") for a in s["command"])
+    ]
+    assert len(arg_lists) == 8
+    for args in arg_lists:
+        assert "--host=0.0.0.0" in args and "--metrics-host=0.0.0.0" in args, args

@@ -505,7 +505,9 @@ def test_dockerfile() -> None:
     cmd = next(ln for ln in lines if ln.startswith("CMD "))
     assert flags(json.loads(cmd[4:])) == {
         "--services": "all",
+        "--host": "0.0.0.0",  # the container's interface: the server binds loopback by default
         "--port": str(GRPC_PORT),
+        "--metrics-host": "0.0.0.0",
         "--metrics-port": str(METRICS_PORT),
         "--cache-dir": "/cache",
     }
