@@ -33,6 +33,7 @@ from services.access import OPEN, Access
 from services.auth import current_principal
 from services.convert import artifact_kind, kind_name
 from services.errors import DataLoss
+from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, WATCHDOG
 from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
 from tokenflow.errors import SpecError, TooLargeError
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
@@ -63,6 +64,9 @@ def _file_info(name: str, entry: Any) -> common_pb2.FileInfo:
 class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     """Upload / Download / Get / List / Delete over an `ArtifactStore` (errors: services.errors)."""
 
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
+    """An upload that sends nothing for this long is closed and its handler thread freed."""
+
     def __init__(
         self, store: ArtifactStore, max_upload_bytes: int, metrics: Any = None, access: Access = OPEN
     ) -> None:
@@ -78,7 +82,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
     ) -> artifacts_pb2.UploadResponse:
         tmp_path: Path | None = None
         try:
-            requests = iter(request_iterator)
+            requests = WATCHDOG.guard(request_iterator, context, self.upload_idle_seconds)
             first = next(requests, None)
             if first is None or first.WhichOneof("payload") != "header":
                 raise SpecError(

@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, HEALTH_RESERVE
+from tokenflow.limits import MAX_DECODED_FRAMES, MAX_PIXELS_PER_FRAME, DecodeLimits
+
 STAGES: tuple[str, ...] = ("inversion", "keyframes", "propagation")
 """The GPU stages, each its own gRPC service sharing one model per process."""
 SERVICES: tuple[str, ...] = (*STAGES, "editor", "artifacts")
@@ -148,6 +151,14 @@ class ServerConfig:
     max_upload_bytes: int = 2 * GiB
     max_workers: int = 64
     """gRPC handler threads. Each streaming call holds one while it waits, so keep plenty for health."""
+    max_concurrent_rpcs: int | None = None
+    """Calls of our services in flight at once; past it RESOURCE_EXHAUSTED (SERVER_BUSY). None =
+    max_workers - 8, so the threads left over always answer health (services/limits.py)."""
+    upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS
+    """An upload stream that sends nothing for this long is closed (RESOURCE_EXHAUSTED, UPLOAD_STALLED)."""
+    max_decoded_frames: int = MAX_DECODED_FRAMES
+    max_pixels_per_frame: int = MAX_PIXELS_PER_FRAME
+    """Decode limits of an uploaded video, checked on every decoded frame and before queuing (probe)."""
     shutdown_grace_seconds: float | None = None
     """On SIGTERM, how long running jobs may finish before they are cancelled; None = job_grace_seconds."""
     preload_model: bool = True
@@ -229,6 +240,16 @@ class ServerConfig:
             raise ValueError(
                 f"max_workers must be >= 8 so health checks answer while jobs run, got {self.max_workers}"
             )
+        most = self.max_workers - HEALTH_RESERVE
+        if self.max_concurrent_rpcs is not None and not 1 <= self.max_concurrent_rpcs <= most:
+            raise ValueError(
+                f"--max-concurrent-rpcs must be in 1..{most} (--max-workers minus {HEALTH_RESERVE} kept for "
+                f"health), got {self.max_concurrent_rpcs}"
+            )
+        if not (self.upload_idle_seconds > 0 and math.isfinite(self.upload_idle_seconds)):
+            raise ValueError(f"--upload-idle-seconds must be > 0, got {self.upload_idle_seconds}")
+        if self.max_decoded_frames < 1 or self.max_pixels_per_frame < 1:
+            raise ValueError("--max-decoded-frames and --max-pixels-per-frame must be >= 1")
         if not self.model:
             raise ValueError("--model needs a preset name (tiny, sd15-arch, sd21-arch) or a diffusers folder")
         if "editor" in self.services:
@@ -252,6 +273,17 @@ class ServerConfig:
     def stages(self) -> tuple[str, ...]:
         """The GPU stages this process hosts, in pipeline order."""
         return tuple(s for s in STAGES if s in self.services)
+
+    @property
+    def rpc_limit(self) -> int:
+        """Concurrent calls of our services (`max_concurrent_rpcs`, default max_workers - 8)."""
+        return self.max_concurrent_rpcs or max(1, self.max_workers - HEALTH_RESERVE)
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels_per_frame=self.max_pixels_per_frame, max_decoded_frames=self.max_decoded_frames
+        )
 
     @property
     def shutdown_grace(self) -> float:
@@ -363,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
     )
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=0,
+        help="calls in flight at once, past it RESOURCE_EXHAUSTED; 0 = --max-workers minus 8, kept for "
+        "health (default 0)",
+    )
+    p.add_argument(
+        "--upload-idle-seconds",
+        type=float,
+        default=DEFAULT_UPLOAD_IDLE_SECONDS,
+        help=f"close an upload that sends nothing for this long (default {DEFAULT_UPLOAD_IDLE_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-decoded-frames",
+        type=int,
+        default=MAX_DECODED_FRAMES,
+        help=f"most frames decoded from one upload, skipped ones included (default {MAX_DECODED_FRAMES})",
+    )
+    p.add_argument(
+        "--max-pixels-per-frame",
+        type=int,
+        default=MAX_PIXELS_PER_FRAME,
+        help=f"largest decoded picture, width x height, of every frame (default {MAX_PIXELS_PER_FRAME})",
+    )
     p.add_argument(
         "--max-connection-age-seconds",
         type=float,
@@ -481,6 +538,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         job_grace_seconds=args.job_grace_seconds,
         max_upload_bytes=parse_size(args.max_upload_bytes),
         max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        upload_idle_seconds=args.upload_idle_seconds,
+        max_decoded_frames=args.max_decoded_frames,
+        max_pixels_per_frame=args.max_pixels_per_frame,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds or None,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,

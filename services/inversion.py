@@ -34,6 +34,7 @@ from services.store import (
 from tokenflow.errors import SpecError, VideoError
 from tokenflow.inversion import Inversion
 from tokenflow.keys import inversion_key
+from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
 from tokenflow.schedule import check_inversion_steps
@@ -86,8 +87,12 @@ def compute_inversion(
     recipe: InversionRecipe,
     key: str,
     progress: JobProgress,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> tuple[Manifest, Inversion]:
-    """Decode, invert and publish under `key`. Used by this stage and by edit stages rebuilding one."""
+    """Decode, invert and publish under `key`. Used by this stage and by edit stages rebuilding one.
+
+    The inversion's files are written to the store's scratch (swept if this process dies).
+    """
     with store.pin(recipe.video_digest):
         video = store.get(recipe.video_digest, kind="video")
         if video is None:
@@ -96,7 +101,15 @@ def compute_inversion(
         with host.use(progress.check_cancelled, progress.waiting) as model:
             progress.start()
             try:
-                inversion = invert_video(model, path, recipe.decode, recipe.spec, progress.hooks())
+                inversion = invert_video(
+                    model,
+                    path,
+                    recipe.decode,
+                    recipe.spec,
+                    progress.hooks(),
+                    scratch_parent=store.tmp_dir,
+                    limits=limits,
+                )
             except VideoError as exc:
                 raise _readable(exc, recipe.video_digest, path) from exc
         meta = {
@@ -238,7 +251,8 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
                 raise _missing_video(recipe.video_digest)
             path = video_path(video)
             try:
-                probe(path)  # VideoError (not a video) or TooLargeError (frame too large)
+                # VideoError (not a video) or TooLargeError (a decode limit: frame size, frame count)
+                probe(path, recipe.decode, self.decode_limits)
             except VideoError as exc:
                 raise _readable(exc, recipe.video_digest, path) from exc
 
@@ -247,7 +261,9 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
         if stored is not None:
             return stored
         progress = JobProgress(ctx, self.stage, self.metrics, inversion_weights(recipe.spec))
-        manifest, _ = compute_inversion(self.store, self.model_host, self.metrics, recipe, key, progress)
+        manifest, _ = compute_inversion(
+            self.store, self.model_host, self.metrics, recipe, key, progress, limits=self.decode_limits
+        )
         return JobOutput(manifest, computed=True)
 
     def result(self, manifest: Manifest, cache_hit: bool) -> common_pb2.Result:

@@ -37,6 +37,8 @@ EXEMPT_SERVICES = frozenset({"tokenflow.v1.ServerInfo"})
 HEALTH_RESERVE = 8
 """Handler threads kept free for health, reflection, ServerInfo and refusals (the default limit is
 max_workers minus this)."""
+DEFAULT_UPLOAD_IDLE_SECONDS = 60.0
+"""Default of ``--upload-idle-seconds``: far longer than any chunk takes on a live connection."""
 _CANCEL_AFTER = 0.2
 """Seconds between sending an idle upload's status and cancelling its call (so the status goes out)."""
 

@@ -78,6 +78,7 @@ OUTCOMES: tuple[str, ...] = (
     "unavailable",
     "cancelled",
     "deadline_exceeded",
+    "aborted",
     "unauthenticated",
     "permission_denied",
     "internal",
@@ -200,6 +201,16 @@ class Metrics:
             registry=r,
         )
         self.cache_bytes = Gauge("tokenflow_cache_bytes", "Current size of the cache on disk.", registry=r)
+        self.store_writable = Gauge(
+            "tokenflow_store_writable",
+            "1 while the store can write, 0 while it cannot (a full disk: health is NOT_SERVING).",
+            registry=r,
+        )
+        self.store_write_failures_total = Counter(
+            "tokenflow_store_write_failures_total",
+            "Times the store found it could not write (disk full, quota) and turned unhealthy.",
+            registry=r,
+        )
 
         # Standard gRPC server metrics (go-grpc-prometheus names), fed by
         # services.grpc_metrics.PrometheusServerInterceptor. Kept here so they are

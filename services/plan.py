@@ -65,7 +65,9 @@ def check_edit_against_inversion(
             f"edit.sdedit_start {spec.sdedit_start} leaves no denoising step of {steps}: raise it",
             field="edit.sdedit_start",
         )
-    if not preview and spec.keyframe_schedule is not None and m.keyframes:
+    # A preview ignores the schedule, but it is checked all the same: it is stored in the metadata, and
+    # unchecked it could be any size.
+    if spec.keyframe_schedule is not None and m.keyframes:
         try:
             validate_schedule(spec.keyframe_schedule, frames, spec.keyframe_interval, run_steps)
         except SpecError as e:

@@ -48,6 +48,7 @@ from services.config import (  # noqa: F401 - build_parser/config_from_args re-e
 )
 from services.errors import ErrorInterceptor
 from services.grpc_metrics import PrometheusServerInterceptor
+from services.limits import ConcurrencyLimiter
 from services.logging_setup import configure_logging
 from services.metrics import Metrics, MetricsServer
 from services.model_host import ModelHost
@@ -237,9 +238,11 @@ def build_server(
         )
     access = Access.open(store.directory, enabled=tokens is not None)
     executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc")
+    limiter = ConcurrencyLimiter(config.rpc_limit)  # threads left for health (services/limits.py)
     interceptors: list[grpc.ServerInterceptor] = [
         PrometheusServerInterceptor(metrics),
         ErrorInterceptor(metrics),
+        limiter,
     ]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens, access.check_inputs))
@@ -267,12 +270,11 @@ def build_server(
             raise OSError(f"cannot listen on {address} (is the port in use?)")
 
         names: list[str] = []
-        artifacts.add_to_server(
-            server,
-            artifacts.ArtifactsServicer(
-                store, max_upload_bytes=config.max_upload_bytes, metrics=metrics, access=access
-            ),
+        artifacts_servicer = artifacts.ArtifactsServicer(
+            store, max_upload_bytes=config.max_upload_bytes, metrics=metrics, access=access
         )
+        artifacts_servicer.upload_idle_seconds = config.upload_idle_seconds
+        artifacts.add_to_server(server, artifacts_servicer)
         names.append(artifacts.SERVICE_NAME)
 
         if config.stages:
@@ -288,6 +290,7 @@ def build_server(
                         grace_seconds=config.job_grace_seconds,
                     )
                     stage.access = access
+                    stage.decode_limits = config.decode_limits
                     add(server, stage)
                     stages[name] = stage
                     names.append(cls.service_name)
@@ -339,6 +342,7 @@ def build_server(
         running.readiness = server_info.Readiness(
             running.health, metrics, model_host if stages else None, preload=config.preload_model
         )
+        store.add_health_listener(running.readiness.store_changed)  # NOT_SERVING while it cannot write
         server_info.add_to_server(
             server,
             server_info.ServerInfoServicer(

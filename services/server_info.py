@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = server_info_pb2.DESCRIPTOR.services_by_name["ServerInfo"].full_name
 STAGE_SERVICES = frozenset({"tokenflow.v1.Inversion", "tokenflow.v1.Keyframes", "tokenflow.v1.Propagation"})
+STORE_WRITERS = STAGE_SERVICES | {"tokenflow.v1.Artifacts"}
+"""The services that cannot serve while the store cannot write (a full disk)."""
 DRAINING_REASON = "draining: the server is shutting down"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -75,6 +77,15 @@ class Readiness:
         self._services: tuple[str, ...] = ()
         self._draining = False
         self._status: dict[str, tuple[bool, str]] = {}
+        self._store_reason = ""
+
+    def store_changed(self, reason: str) -> None:
+        """The store can write again ("") or cannot (the reason): the writers' health follows."""
+        with self._lock:
+            self._store_reason = reason
+            started = bool(self._services)
+        if started:
+            self._publish()
 
     def start(self, services: Sequence[str]) -> None:
         """Publish the statuses of `services` now and follow the model's state from here on."""
@@ -120,6 +131,8 @@ class Readiness:
             status: dict[str, tuple[bool, str]] = {}
             for name in self._services:
                 reason = DRAINING_REASON if draining else (stage_reason if name in STAGE_SERVICES else "")
+                if not reason and not draining and name in STORE_WRITERS:
+                    reason = self._store_reason
                 status[name] = (not reason, reason)
             changed = {n: v for n, v in status.items() if self._status.get(n) != v}
             self._status = status

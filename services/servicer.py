@@ -33,6 +33,7 @@ from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
 from services.store import ArtifactStore, Manifest
+from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow_pb.v1 import common_pb2
 
 
@@ -47,11 +48,12 @@ class JobOutput:
 def already_stored(store: ArtifactStore, key: str, kind: str) -> JobOutput | None:
     """A job's first step: the result may have been published since the caller looked (counted once).
 
-    `contains` first, so the caller's miss is not counted twice in the cache metrics.
+    `contains` first, so the caller's miss is not counted twice in the cache metrics. Verified: a
+    corrupt stored result is removed and recomputed, never returned.
     """
     if not store.contains(key):
         return None
-    stored = store.get(key, kind=kind)
+    stored = store.get(key, kind=kind, verify=True)
     return JobOutput(stored.manifest, computed=False) if stored is not None else None
 
 
@@ -77,6 +79,8 @@ class StageServicer:
     response_type: ClassVar[Any]
     """The job RPC's stream message (InvertResponse, ...): a oneof `event` of `progress` or `result`."""
     cancel_response_type: ClassVar[Any]
+    decode_limits: DecodeLimits = DEFAULT_LIMITS
+    """What decoding an upload may cost; the server sets its configured limits."""
     access: Access = OPEN
     """Access control; the server sets its own (services/access.py)."""
 
@@ -131,7 +135,8 @@ class StageServicer:
         """
         p = plan()
         principal = current_principal()
-        stored = self.store.get(p.key, kind=self.kind)
+        # A cache hit hashes every file: a corrupt result is removed here and recomputed below.
+        stored = self.store.get(p.key, kind=self.kind, verify=True)
         if stored is not None:
             self.access.record(p.key, principal, "requested")
             yield self.response_type(progress=self._cached_progress(p.key))
