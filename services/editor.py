@@ -60,12 +60,18 @@ from grpc_status import rpc_status
 from services.access import OPEN, Access
 from services.auth import Principal, call_metadata, current_principal
 from services.channels import STAGE_CHANNEL_OPTIONS, backend_count, stage_channel
-from services.convert import decode_spec_from_proto, edit_spec_from_proto, inversion_spec_from_proto
-from services.errors import DeadlineExceeded, StageUnavailable, outcome_for, relayed
+from services.convert import (
+    decode_spec_from_proto,
+    edit_spec_from_proto,
+    inversion_spec_from_proto,
+    spec_to_proto,
+)
+from services.errors import DeadlineExceeded, RelayedStatus, StageUnavailable, code_of, outcome_for, relayed
 from services.metrics import Metrics
 from services.store import ArtifactStore, is_digest
 from tokenflow.errors import Cancelled, SpecError
 from tokenflow.keys import canonical_json
+from tokenflow.shards import shard_ranges
 from tokenflow_pb.v1 import (
     common_pb2,
     editor_pb2,
@@ -155,6 +161,8 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         access: Access = OPEN,
+        inversion_shards: int = 1,
+        inversion_shard_frames: int = 0,
     ) -> None:
         for name, target in (
             ("inversion", inversion_target),
@@ -169,6 +177,8 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         self.metrics = metrics
         self.stage_wait_seconds = stage_wait_seconds
         self.access = access
+        self.inversion_shards = inversion_shards
+        self.inversion_shard_frames = inversion_shard_frames
         self._edit_parallelism = edit_parallelism
         self._targets = {
             "inversion": inversion_target,
@@ -254,6 +264,9 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         if request.HasField("inversion"):
             invert.inversion.CopyFrom(request.inversion)
         inversion: common_pb2.Result | None = None
+        shards = self._shard_decodes(request)
+        if shards:  # frame ranges on the inversion replicas, then one merge under the unsharded address
+            invert = yield from self._sharded(invert, shards, context, downstream, metadata)
         for event in self._call("inversion", self._inversion.Invert, invert, context, downstream, metadata):
             if event.WhichOneof("event") == "result":
                 inversion = event.result
@@ -276,6 +289,106 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
                 yield from run()
         else:
             yield from _interleaved(runs, min(parallelism, len(runs)), downstream)
+
+    # -- sharded inversion ---------------------------------------------------------------------------------
+
+    def _shard_decodes(self, request: editor_pb2.EditRequest) -> list[common_pb2.DecodeSpec]:
+        """The decode specs of the frame ranges to invert apart, or [] to invert unsharded.
+
+        `inversion_shards` > 1 shards every inversion; otherwise `inversion_shard_frames` > 0 shards clips
+        of at least that many frames into one range per inversion replica. The frame count is the
+        container's (probed from the uploaded video); the last range always runs to the end of the
+        selection, so the ranges cover the clip even when that count is a little off.
+        """
+        shards = self.inversion_shards
+        if shards <= 1 and self.inversion_shard_frames <= 0:
+            return []
+        decode = decode_spec_from_proto(request.decode)
+        frames = self._selected_frames(request.video_digest, decode)
+        if frames is None:
+            return []
+        if shards <= 1:
+            if frames < self.inversion_shard_frames:
+                return []
+            shards = self.backends("inversion")
+        if shards <= 1 or frames < 2:
+            return []
+        ranges = shard_ranges(frames, shards)
+        out = []
+        for i, (start, stop) in enumerate(ranges):
+            last = i == len(ranges) - 1
+            part = decode.replace(
+                start=decode.start + start * decode.stride,
+                max_frames=None if last and decode.max_frames is None else stop - start,
+            )
+            out.append(spec_to_proto(part, common_pb2.DecodeSpec))
+        return out
+
+    def _selected_frames(self, video_digest: str, decode: Any) -> int | None:
+        """How many frames the decode spec selects from the uploaded video (None if it cannot tell)."""
+        from tokenflow.video import probe
+
+        try:
+            with self.store.pin(video_digest):
+                video = self.store.get(video_digest, kind="video")
+                if video is None:
+                    return None
+                info = probe(video.path(video.manifest.primary or video.names()[0]))
+        except Exception as e:  # noqa: BLE001 - the inversion stage reports unreadable videos properly
+            log.info("cannot count the frames of %s to shard its inversion: %s", video_digest[:12], e)
+            return None
+        if not info.frame_count:
+            return None
+        selected = len(range(decode.start, int(info.frame_count), decode.stride))
+        return selected if decode.max_frames is None else min(selected, decode.max_frames)
+
+    def _sharded(
+        self,
+        invert: inversion_pb2.InvertRequest,
+        shards: list[common_pb2.DecodeSpec],
+        context: grpc.ServicerContext,
+        downstream: _DownstreamCall,
+        metadata: Any,
+    ) -> Iterator[editor_pb2.EditResponse]:
+        """Invert the frame ranges concurrently (round robin spreads them over the replicas), streaming
+        their events as the inversion's; returns the merge request. Nothing is computed if the whole
+        inversion is stored already."""
+        lookup = inversion_pb2.InvertRequest()
+        lookup.CopyFrom(invert)
+        lookup.stored_only = True
+        try:
+            events = list(
+                self._call("inversion", self._inversion.Invert, lookup, context, downstream, metadata)
+            )
+            if any(e.WhichOneof("event") == "result" for e in events):
+                return invert  # stored: the request as it is returns it at once
+        except RelayedStatus as e:
+            if code_of(e.status) != grpc.StatusCode.NOT_FOUND:
+                raise
+        digests: dict[int, str] = {}
+
+        def shard_run(index: int, decode: common_pb2.DecodeSpec) -> Callable[[], Iterator[Any]]:
+            request = inversion_pb2.InvertRequest(video_digest=invert.video_digest, decode=decode)
+            if invert.HasField("inversion"):
+                request.inversion.CopyFrom(invert.inversion)
+
+            def run() -> Iterator[editor_pb2.EditResponse]:
+                for event in self._call("inversion", self._inversion.Invert, request, context, downstream,
+                                        metadata):  # fmt: skip
+                    if event.WhichOneof("event") == "result":
+                        digests[index] = event.result.digest
+                    else:
+                        yield _tagged(-1, event)
+
+            return run
+
+        runs = [shard_run(i, decode) for i, decode in enumerate(shards)]
+        yield from _interleaved(runs, len(runs), downstream, reset=False)
+        merge = inversion_pb2.InvertRequest()
+        merge.CopyFrom(invert)
+        merge.shard_digests.extend(digests[i] for i in range(len(shards)))
+        log.info("inversion of %s: %d shards inverted, merging", invert.video_digest[:12], len(shards))
+        return merge
 
     def _edit_run(
         self,
@@ -438,11 +551,12 @@ def _retry_delay(status: Any) -> float | None:
 
 
 def _interleaved(
-    runs: list[Callable[[], Iterator[Any]]], parallelism: int, downstream: _DownstreamCall
+    runs: list[Callable[[], Iterator[Any]]], parallelism: int, downstream: _DownstreamCall, reset: bool = True
 ) -> Iterator[Any]:
     """Run each of `runs` in a thread, at most `parallelism` at once, yielding their events as they come.
 
-    The first failure ends the whole Edit: the other stage calls are cancelled and it is raised.
+    The first failure ends the whole Edit: the other stage calls are cancelled and it is raised. With
+    `reset` False (more stage calls follow: the shards of an inversion), calls are cancelled only then.
     """
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     _done = object()
@@ -471,8 +585,13 @@ def _interleaved(
                 raise item
             else:
                 finished += 1
+    except BaseException:
+        if not reset:
+            downstream.cancel()  # a failed shard: stop the other shards' stage calls
+        raise
     finally:
-        downstream.cancel()  # a failure or a departed caller: stop the other edits' stage calls
+        if reset:
+            downstream.cancel()  # a failure or a departed caller: stop the other edits' stage calls
         pool.shutdown(wait=True, cancel_futures=True)
 
 

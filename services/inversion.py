@@ -8,7 +8,9 @@ can rebuild it under the same key instead of serving bad data or failing (`load_
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
 from tokenflow.schedule import check_inversion_steps
+from tokenflow.shards import merge_inversions
 from tokenflow.specs import DecodeSpec, InversionSpec
 from tokenflow.video import probe
 from tokenflow_pb.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
@@ -213,6 +216,12 @@ def load_inversion(
     return inversion
 
 
+def load_inversion_files(store: ArtifactStore, digest: str) -> Inversion:
+    """A stored inversion over its verified files (the caller pins it); NOT_FOUND if it is gone."""
+    art = find_inversion(store, digest)
+    return Inversion.from_paths({name: art.path(name) for name in art.names()})
+
+
 class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
     """tokenflow.v1.Inversion: Invert (streamed job) and Cancel."""
 
@@ -241,6 +250,19 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
         )
         key = recipe.key(self.model_host.fingerprint)
         check_timesteps(self.model_host.get(), recipe.spec)
+        if request.shard_digests:
+            shards = list(request.shard_digests)
+            for i, digest in enumerate(shards):
+                check_digest(digest, f"shard_digests[{i}]", "give the digests of the shards' Invert results")
+            return Plan(
+                key, lambda: self._find_shards(shards), lambda ctx: self._merge(ctx, recipe, key, shards)
+            )
+        if request.stored_only:
+
+            def not_stored() -> None:
+                raise _missing_inversion(key)
+
+            return Plan(key, not_stored, lambda ctx: self._run(ctx, recipe, key))
         return Plan(key, lambda: self._precheck(recipe), lambda ctx: self._run(ctx, recipe, key))
 
     def _precheck(self, recipe: InversionRecipe) -> None:
@@ -264,6 +286,85 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
         manifest, _ = compute_inversion(
             self.store, self.model_host, self.metrics, recipe, key, progress, limits=self.decode_limits
         )
+        return JobOutput(manifest, computed=True)
+
+    # -- sharded inversion ---------------------------------------------------------------------------------
+
+    def _find_shards(self, shards: list[str]) -> list[Manifest]:
+        """The shards' manifests (NOT_FOUND for a missing one), before a queue slot is taken."""
+        manifests = []
+        for digest in shards:
+            manifest = self.store.stat(digest)
+            if manifest is None or manifest.kind != KIND:
+                raise _missing_inversion(digest)
+            manifests.append(manifest)
+        return manifests
+
+    def _check_shards(self, recipe: InversionRecipe, manifests: list[Manifest]) -> None:
+        """The shards are this request's frames, in order, inverted the same way with this model."""
+        full, offset = recipe.decode, 0
+        for i, manifest in enumerate(manifests):
+            try:
+                part = InversionRecipe.from_meta(dict(manifest.meta))
+            except (KeyError, TypeError, ValueError):
+                raise SpecError(
+                    f"shard_digests[{i}] is not a shard of this inversion", field="shard_digests"
+                ) from None
+            frames = int(manifest.meta["frames"])
+            last = i == len(manifests) - 1
+            expected = full.replace(
+                start=full.start + offset * full.stride,
+                max_frames=frames if not last or full.max_frames is not None else None,
+            )
+            if (
+                part.video_digest != recipe.video_digest
+                or part.spec != recipe.spec
+                or part.decode != expected
+                or part.key(self.model_host.fingerprint) != manifest.key
+            ):
+                raise SpecError(
+                    f"shard_digests[{i}] is not frames {offset}.. of this request's video, decode and "
+                    "inversion settings on this model: shards must be consecutive ranges, in order",
+                    field="shard_digests",
+                )
+            offset += frames
+        if full.max_frames is not None and offset != full.max_frames:
+            raise SpecError(
+                f"the shards hold {offset} frames, the request {full.max_frames}", field="shard_digests"
+            )
+
+    def _merge(self, ctx: JobContext, recipe: InversionRecipe, key: str, shards: list[str]) -> JobOutput:
+        stored = already_stored(self.store, key, KIND)
+        if stored is not None:
+            return stored
+        manifests = self._find_shards(shards)
+        self._check_shards(recipe, manifests)
+        ctx.report({"stage": self.stage, "phase": "publish", "message": f"merging {len(shards)} shards"})
+        with contextlib.ExitStack() as stack:
+            for digest in shards:
+                stack.enter_context(self.store.pin(digest))
+            parts = [load_inversion_files(self.store, digest) for digest in shards]
+            ctx.check_cancelled()
+            first = parts[0]
+            source_fps = first.extra.get("source_fps", [first.fps.numerator, first.fps.denominator])
+            extra = {
+                **first.extra,
+                "decode": recipe.decode.to_dict(),
+                "audio_start": recipe.decode.start * source_fps[1] / source_fps[0],
+            }
+            scratch = stack.enter_context(
+                tempfile.TemporaryDirectory(dir=self.store.tmp_dir, prefix="merge-")
+            )
+            merged = merge_inversions(parts, scratch, extra)
+            meta = {
+                **manifests[0].meta,
+                "decode": recipe.decode.to_dict(),
+                "frames": merged.n_frames,
+                "reconstruction_psnr": finite_or_none(merged.reconstruction_psnr),
+                "shards": shards,
+            }
+            manifest = self.store.put(KIND, key, merged.files(), meta=meta)
+        log.info("inversion %s: merged from %d shards, %d frames", key[:12], len(shards), merged.n_frames)
         return JobOutput(manifest, computed=True)
 
     def result(self, manifest: Manifest, cache_hit: bool) -> common_pb2.Result:

@@ -332,6 +332,8 @@ def build_server(
                 # Embedded (no propagation address): one process, one model, so one edit at a time.
                 edit_parallelism=config.edit_parallelism or (None if config.propagation_addr else 1),
                 stage_wait_seconds=config.stage_wait_seconds,
+                inversion_shards=config.inversion_shards,
+                inversion_shard_frames=config.inversion_shard_frames,
                 credentials=internal_credentials,
                 token=internal_token,
                 access=access,

@@ -19,13 +19,22 @@ import grpc
 import pytest
 from google.rpc import code_pb2
 
-from clients import TokenFlowClient, decode_spec, inversion_spec
+from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients.client import ClientError, operation_metadata, operation_result
 from services.config import ServerConfig
+from services.convert import decode_spec_from_proto, inversion_spec_from_proto
+from services.inversion import InversionRecipe
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
+from tokenflow.inversion import Inversion
+from tokenflow.pipeline import invert_video
+from tokenflow.shards import relative_l2
+
+SHARD_TOLERANCE = 1e-4
+"""Relative L2 of a merged inversion against an unsharded one (tokenflow/shards.py says why not 0)."""
 
 DECODE = decode_spec(size=(64, 64))
+ROOTS: list[Path] = []
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -44,6 +53,7 @@ def inversions(server: RunningServer) -> float:
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, RunningServer]]:
     root = tmp_path_factory.mktemp("ops")
+    ROOTS.append(root)
     host = ModelHost("tiny", device="cpu", dtype="float32")
     servers = []
     try:
@@ -145,3 +155,47 @@ def test_cancel_through_another_replica_and_unknown_names(
         with pytest.raises(ClientError) as bad_filter:
             list(cb.list_operations(filter="stage = inversion"))
         assert bad_filter.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_sharded_inversion_has_the_unsharded_address_and_tensors(
+    replicas: tuple[RunningServer, RunningServer], clip_path: Path
+) -> None:
+    """An Editor with --inversion-shards 2 sends one frame range to each inversion replica and merges them
+    on one: the merged inversion is published under the unsharded run's content address and matches an
+    unsharded inversion within tokenflow/shards.py's tolerance."""
+    a, b = replicas
+    before = (inversions(a), inversions(b))
+    target = f"ipv4:{a.target},{b.target}"
+    config = ServerConfig(
+        services="editor,keyframes,propagation", host="127.0.0.1", port=0, metrics_port=None,
+        cache_dir=ROOTS[0] / "cache-editor", cache_size_bytes=1 << 30, shared_store=ROOTS[0] / "shared",
+        model="tiny", device="cpu", inversion_addr=target, inversion_shards=2,
+    )  # fmt: skip
+    spec = inversion_spec(prompt="sharded", steps=2, edit_steps=2, reconstruct=False)
+    events: list[Any] = []
+    with build_server(config, model_host=a.model_host) as editor:
+        with TokenFlowClient(editor.target, timeout=300) as client:
+            (edited,) = client.edit(clip_path, edit_spec("a fox", seed=1), decode=DECODE, inversion=spec,
+                                    on_event=events.append)  # fmt: skip
+    assert edited.digest and edited.propagation.frames == 10
+    (merged_result,) = [e.result for e in events if e.edit_index == -1 and e.WhichOneof("event") == "result"]
+    # Each replica inverted one frame range (round robin), and one of them merged.
+    assert (inversions(a) - before[0], inversions(b) - before[1]) == (1, 1)
+    assert merged_result.inversion.frames == 10
+    video = merged_result.inversion.video_digest
+    recipe = InversionRecipe(video, decode_spec_from_proto(DECODE), inversion_spec_from_proto(spec))
+    assert merged_result.digest == recipe.key(a.model_host.fingerprint)  # the unsharded content address
+    merged_art = a.store.get(merged_result.digest, kind="inversion")
+    assert merged_art is not None and len(merged_art.manifest.meta["shards"]) == 2
+    merged = Inversion.from_paths({n: merged_art.path(n) for n in merged_art.names()})
+    with a.store.pin(video):
+        source = a.store.get(video, kind="video")
+        assert source is not None
+        whole = invert_video(a.model_host.get(), source.path(source.manifest.primary or source.names()[0]),
+                             recipe.decode, recipe.spec)  # fmt: skip
+    errors = [
+        relative_l2(merged.latents_clean, whole.latents_clean),
+        relative_l2(merged.noisiest, whole.noisiest),
+    ]
+    errors += [relative_l2(merged.latents_at(t), whole.latents_at(t)) for t in whole.edit_timesteps]
+    assert max(errors) <= SHARD_TOLERANCE, errors

@@ -4,8 +4,10 @@
 isort:skip_file
 Inversion stage: DDIM-invert a video once; every later edit of it reuses the result."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from tokenflow_pb.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -25,8 +27,14 @@ class InvertRequest(_message.Message):
     VIDEO_DIGEST_FIELD_NUMBER: _builtins.int
     DECODE_FIELD_NUMBER: _builtins.int
     INVERSION_FIELD_NUMBER: _builtins.int
+    SHARD_DIGESTS_FIELD_NUMBER: _builtins.int
+    STORED_ONLY_FIELD_NUMBER: _builtins.int
     video_digest: _builtins.str
     """Digest of an uploaded video (Artifacts.Upload)."""
+    stored_only: _builtins.bool
+    """Only look: return the stored inversion (or attach to a running job), never start one; NOT_FOUND
+    (ARTIFACT_NOT_FOUND) when there is none. The Editor asks this before it computes shards.
+    """
     @_builtins.property
     def decode(self) -> _common_pb2.DecodeSpec:
         """Frame range and size. Unset = all frames at about 512 x 512."""
@@ -35,16 +43,27 @@ class InvertRequest(_message.Message):
     def inversion(self) -> _common_pb2.InversionSpec:
         """Inversion settings. Unset = defaults (empty prompt, 50 steps, reconstruct)."""
 
+    @_builtins.property
+    def shard_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sharded inversion: digests of inversions of consecutive frame ranges of this request's frames (each
+        an Invert of the same video and inversion settings whose decode has its own start and max_frames),
+        in frame order. Instead of inverting, the stage checks that they cover exactly this request's
+        frames and merges them into one inversion, published under this request's own digest: the same
+        content address as an unsharded run, so later edits find it however it was made.
+        """
+
     def __init__(
         self,
         *,
         video_digest: _builtins.str = ...,
         decode: _common_pb2.DecodeSpec | None = ...,
         inversion: _common_pb2.InversionSpec | None = ...,
+        shard_digests: _abc.Iterable[_builtins.str] | None = ...,
+        stored_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "inversion", b"inversion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "inversion", b"inversion", "video_digest", b"video_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "inversion", b"inversion", "shard_digests", b"shard_digests", "stored_only", b"stored_only", "video_digest", b"video_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
