@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -130,6 +131,7 @@ class LeaseRecord:
 
     def to_json(self) -> bytes:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["progress"] = _json_safe(self.progress)  # a heartbeat must never fail over a progress value
         return json.dumps(d, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
@@ -152,6 +154,19 @@ class LeaseRecord:
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with what strict JSON cannot hold dropped (non-finite floats) or made a string."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in ((k, _json_safe(v)) for k, v in value.items()) if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
 
 
 def _record_name(key: str, gen: int) -> str:
@@ -343,7 +358,7 @@ class HeldLease:
             try:
                 if not self.beat():
                     return
-            except (OSError, TierUnavailable) as e:  # the next beat retries; expiry covers a long outage
+            except Exception as e:  # noqa: BLE001 - the next beat retries; expiry covers a long outage
                 log.warning("lease heartbeat for %s failed: %s", self.key[:12], e)
 
     def finish(self, state: str, error: Mapping[str, Any] | None = None) -> None:
