@@ -93,10 +93,10 @@ def test_exactly_one_of_many_concurrent_acquirers_wins(medium: LeaseMedium) -> N
 
 def test_an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off(medium: LeaseMedium) -> None:
     table = LeaseTable(medium)
-    old = table.acquire(KEY, "inversion", "replica-a", ttl=0.2)
+    old = table.acquire(KEY, "inversion", "replica-a", ttl=2)
     assert old is not None
-    assert table.acquire(KEY, "inversion", "replica-b", ttl=0.2) is None
-    time.sleep(0.3)  # no heartbeat: expired by the wall clock
+    assert table.acquire(KEY, "inversion", "replica-b", ttl=2) is None
+    time.sleep(2.5)  # no heartbeat: expired by the wall clock
     new = table.acquire(KEY, "inversion", "replica-b", ttl=30)
     assert new is not None and new.gen == 2
     lost: list[bool] = []
