@@ -16,7 +16,10 @@ Rules, on a server with tokens (services/auth.py; without tokens every caller ma
   them. Metadata keys are shown by an allowlist, `PUBLIC_META`: a key added later stays hidden until
   it is listed here.
 - **Jobs.** A job can be cancelled by a principal attached to it (it submitted the job, or sent the
-  same request and re-attached) or by an admin; anyone else gets PERMISSION_DENIED.
+  same request and re-attached) or by an admin; anyone else gets PERMISSION_DENIED. The same holds for
+  google.longrunning.Operations (services/operations.py): an operation is visible to the callers
+  attached to its job, to principals with access to its result and to admins; CancelOperation is
+  for attached callers and admins.
 - **Admins** have access to everything; a call an admin makes on behalf of a user (the Editor's)
   counts as the user's for ownership and is trusted for the inputs, which the admin checked.
 
@@ -255,6 +258,30 @@ class Access:
             raise PermissionDenied(
                 f"this {stage} job was not submitted by {principal.name!r}: only a caller attached to a job "
                 "(or an admin) may cancel it",
+                action="cancel",
+            )
+
+    # -- operations (google.longrunning over the same jobs) -------------------------------------------------
+
+    def _attached_to_any(self, jobs: Iterable[Any], principal: Principal) -> bool:
+        return any(principal.name in self.attached(job) for job in jobs)
+
+    def may_see_operation(self, key: str, jobs: Iterable[Any], principal: Principal | None) -> bool:
+        """An operation (a job, or its stored result) is visible to the callers attached to its local
+        job, to principals with access to its result, and to admins; to others it does not exist."""
+        if not self._restricted(principal) or principal is None or principal.delegated_by is not None:
+            return True
+        return self._attached_to_any(jobs, principal) or bool(self.relations(key, principal))
+
+    def require_cancel_operation(self, key: str, jobs: Iterable[Any], principal: Principal | None) -> None:
+        """CancelOperation: as Cancel, for a caller attached to the job here (or an admin). A job known
+        only from another replica's lease can be cancelled by an admin, or on the replica running it."""
+        if not self._restricted(principal) or principal is None:
+            return
+        if not self._attached_to_any(jobs, principal):
+            raise PermissionDenied(
+                f"operation {key[:12]} was not submitted by {principal.name!r} on this server: only a caller "
+                "attached to a job (on the replica running it) or an admin may cancel it",
                 action="cancel",
             )
 

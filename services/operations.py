@@ -38,6 +38,8 @@ from google.longrunning import operations_proto_pb2 as lro_pb2
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
+from services.access import OPEN, Access
+from services.auth import current_principal
 from services.convert import enum_value, progress_message
 from services.store import ArtifactNotFound, ArtifactStore, Manifest, is_digest
 from services.store.lease import CANCELLED, FAILED, SUCCEEDED, LeaseRecord, LeaseTable
@@ -95,6 +97,15 @@ class OperationsServicer(lro_grpc.OperationsServicer):
         self.stages = stages
         self.holder = holder
         self.result_of = result_of
+
+    access: Access = OPEN
+    """Access control (services/access.py): who sees and cancels which operation; set by `install`."""
+
+    def _jobs(self, key: str) -> list[Any]:
+        return [job for stage in self.stages.values() if (job := stage.jobs.get(key)) is not None]
+
+    def _visible(self, key: str) -> bool:
+        return self.access.may_see_operation(key, self._jobs(key), current_principal())
 
     # -- describing one operation --------------------------------------------------------------------------
 
@@ -174,7 +185,7 @@ class OperationsServicer(lro_grpc.OperationsServicer):
 
     def _get(self, key: str) -> lro_pb2.Operation:
         op = self.describe(key)
-        if op is None:
+        if op is None or not self._visible(key):  # someone else's operation does not exist for the caller
             raise ArtifactNotFound(
                 f"no operation {operation_name(key)}: no job computes it and its artifact is not stored "
                 "(it may have been evicted, or have failed more than an hour ago: call the stage again)"
@@ -215,6 +226,7 @@ class OperationsServicer(lro_grpc.OperationsServicer):
         op = self._get(key)
         if op.done:
             return empty_pb2.Empty()  # AIP-151: cancelling a finished operation changes nothing
+        self.access.require_cancel_operation(key, self._jobs(key), current_principal())
         lease = self.leases.current(key)
         if lease is not None and not lease.done:
             self.leases.request_cancel(key, lease.gen)  # the holder and every waiter see it
@@ -244,7 +256,7 @@ class OperationsServicer(lro_grpc.OperationsServicer):
         more = False
         for key in sorted(k for k in keys if after is None or k > after):
             op = self.describe(key)
-            if op is None or (want_done is not None and op.done != want_done):
+            if op is None or (want_done is not None and op.done != want_done) or not self._visible(key):
                 continue
             if len(out) == size:
                 more = True
@@ -313,6 +325,7 @@ def install(
     stages: Mapping[str, Any],
     holder: str,
     lease_seconds: float,
+    access: Access = OPEN,
 ) -> str:
     """Wire a server for the fleet: its stages' jobs run under leases in the shared tier (or in the local
     cache directory without one), and it answers google.longrunning.Operations. Returns the service name."""
@@ -327,5 +340,7 @@ def install(
             return already_stored(store, key, kind)
 
         stage.jobs.coordinator = Coordinator(leases, holder, stored, ttl=lease_seconds)
-    add_to_server(server, OperationsServicer(store, leases, stages, holder, result_builder(stages)))
+    servicer = OperationsServicer(store, leases, stages, holder, result_builder(stages))
+    servicer.access = access
+    add_to_server(server, servicer)
     return SERVICE_NAME

@@ -297,7 +297,7 @@ def build_server(
         from services import operations  # jobs under leases; any replica answers for any job
 
         holder = f"{os.uname().nodename} (port {port}, pid {os.getpid()})"
-        names.append(operations.install(server, store, stages, holder, config.lease_seconds))
+        names.append(operations.install(server, store, stages, holder, config.lease_seconds, access))
 
         running = RunningServer(
             config=config,

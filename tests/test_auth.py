@@ -417,6 +417,14 @@ def test_cancel_rights(tmp_path: Path, token_file: Path, model_host: Any, clip: 
                 bob.cancel("inversion", job_id[0])
             assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
             assert e.value.reason == "PERMISSION_DENIED" and e.value.metadata == {"action": "cancel"}
+            # google.longrunning.Operations over the same job: invisible to bob, alice's to see
+            for call in (bob.get_operation, bob.cancel_operation):
+                with pytest.raises(ClientError) as e:
+                    call(job_id[0])
+                assert _code(e) == grpc.StatusCode.NOT_FOUND
+            assert alice.get_operation(job_id[0]).name.endswith(job_id[0])
+            assert not [op for op in bob.list_operations() if op.name.endswith(job_id[0])]
+            assert [op for op in alice.list_operations() if op.name.endswith(job_id[0])]
             assert root.cancel("inversion", job_id[0]).cancelled  # an admin may
             worker.join(120)
             assert outcome and isinstance(outcome[0], ClientError), outcome
