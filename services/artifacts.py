@@ -35,6 +35,7 @@ from services.convert import artifact_kind, kind_name
 from services.errors import DataLoss
 from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, WATCHDOG
 from services.store import ArtifactNotFound, ArtifactStore, CorruptArtifact, Manifest, is_digest
+from services.store.model import is_disk_full
 from tokenflow.errors import SpecError, TooLargeError
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2
 
@@ -106,7 +107,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
             tmp_path = Path(tmp)
             sha = hashlib.sha256()
             received = 0
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb", buffering=0) as out:  # unbuffered: a full disk fails in write
                 for req in requests:
                     which = req.WhichOneof("payload")
                     if which == "header":
@@ -116,7 +117,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                     received += len(req.chunk)
                     self._check_size(received, declared=False)
                     sha.update(req.chunk)
-                    out.write(req.chunk)
+                    self._write_chunk(out, req.chunk)
             if received == 0:
                 raise SpecError("the upload is empty: send the file's bytes as chunks after the header")
             if header.total_size and received != header.total_size:
@@ -155,6 +156,17 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
                 with contextlib.suppress(OSError):
                     tmp_path.unlink()
 
+    def _write_chunk(self, out: Any, chunk: bytes) -> None:
+        """Append to the upload's scratch file; a full disk is the store's (StoreFull, health)."""
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[out.write(view) :]
+        except OSError as e:
+            if is_disk_full(e):
+                raise self.store.disk_full(e) from None
+            raise
+
     def _check_size(self, size: int, declared: bool) -> None:
         if size > self.max_upload_bytes:
             what = f"the declared size ({size} bytes)" if declared else "the upload"
@@ -173,7 +185,7 @@ class ArtifactsServicer(artifacts_pb2_grpc.ArtifactsServicer):
         _check_digest(request.digest)
         principal = current_principal()
         self.access.require_readable(request.digest, principal, _not_found_message(request.digest))
-        art = self.store.get(request.digest)
+        art = self.store.get(request.digest, raise_corrupt=True)  # corrupt: ABORTED, retryable
         if art is None:
             raise ArtifactNotFound(_not_found_message(request.digest))
         manifest = art.manifest

@@ -9,6 +9,8 @@ are further down.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import signal
 import sqlite3
@@ -20,9 +22,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services.store import ArtifactStore, StoreFull, artifact_key
+from tests.rpc_client import Client, invert_request, result_of, wait_for_progress, wait_health
+from tests.serve_process import ServeProcess
+from tokenflow.synthetic import make_clip
+from tokenflow_pb.v1 import artifacts_pb2, common_pb2, keyframes_pb2, propagation_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -338,3 +346,190 @@ def test_maintenance_thread_follows_the_disk(tmp_path: Path) -> None:
             assert store.write_error is None
         finally:
             store.close()
+
+
+# --------------------------------------------------------------------------- through server processes
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def serve(tmp: Path, cache: Path, name: str, *extra: str) -> tuple[ServeProcess, Client]:
+    process = ServeProcess(
+        name, ["--model", "tiny", "--cache-dir", str(cache), "--metrics-port", "-1", *extra], tmp
+    )
+    try:
+        process.wait_serving()
+        client = Client(process.target)
+        wait_health(client, SERVING)
+    except BaseException:
+        process.close()
+        raise
+    return process, client
+
+
+@pytest.fixture(scope="module")
+def clip_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    folder = tmp_path_factory.mktemp("fault-clip")
+    return make_clip(folder / "clip.mp4", frames=8, size=(64, 64), fps=10, audio=True).read_bytes()
+
+
+def edit_spec(prompt: str = "a marble statue") -> common_pb2.EditSpec:
+    return common_pb2.EditSpec(prompt=prompt, keyframe_interval=4)
+
+
+def stage_call(client: Client, stage: str, digest: str, prompt: str = "a marble statue") -> Iterator[object]:
+    if stage == "keyframes":
+        request = keyframes_pb2.EditKeyframesRequest(inversion_digest=digest, edit=edit_spec(prompt))
+        return client.keyframes.EditKeyframes(request, timeout=300)
+    request = propagation_pb2.PropagateRequest(inversion_digest=digest, edit=edit_spec(prompt))
+    return client.propagation.Propagate(request, timeout=300)
+
+
+def assert_store_sound(cache: Path) -> None:
+    """Opened beside the live server: every entry verifies, and no dead process's scratch is left."""
+    store = ArtifactStore(cache, size_limit=10**10, maintenance_interval=None)
+    try:
+        assert_consistent(store)
+        root = cache / "_tmp"
+        for entry in root.iterdir():
+            if entry.suffix != ".lock":
+                lock = root / f"{entry.name}.lock"
+                assert lock.exists(), f"stray scratch {entry.name}"
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    with pytest.raises(BlockingIOError):  # held: a live process's scratch
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finally:
+                    os.close(fd)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "inversion",
+        pytest.param("propagation", marks=pytest.mark.slow),
+        pytest.param("keyframes", marks=pytest.mark.slow),
+    ],
+)
+def test_sigkill_mid_job_then_restart_and_retry(tmp_path: Path, clip_bytes: bytes, stage: str) -> None:
+    cache = tmp_path / "cache"
+    process, client = serve(tmp_path, cache, "first")
+    try:
+        video = client.upload(clip_bytes)
+        request = invert_request(video, max_frames=8, steps=12, edit_steps=12)
+        if stage == "inversion":
+            wait_for_progress(client.inversion.Invert(request, timeout=300))
+        else:
+            inversion = result_of(client.inversion.Invert(request, timeout=300)).digest
+            wait_for_progress(stage_call(client, stage, inversion))
+        process.kill()  # SIGKILL in the middle of the job: nothing gets to clean up
+        assert list((cache / "_tmp").glob("p*")), "the killed job left scratch behind (what the sweep is for)"
+    finally:
+        process.close()
+    process, client = serve(tmp_path, cache, "restarted")
+    try:
+        if stage == "inversion":
+            result = result_of(client.inversion.Invert(request, timeout=300))
+        else:
+            result = result_of(stage_call(client, stage, inversion))
+        assert result.digest and not result.cache_hit  # the job ran again to the end
+        assert_store_sound(cache)
+        dead = [p for p in (cache / "_tmp").iterdir() if f"p{process.process.pid}-" not in p.name]
+        assert all(p.name.startswith("p") for p in dead)  # only live stores' dirs (this test's own is closed)
+    finally:
+        process.close()
+
+
+def _blob_path(cache: Path, digest: str, name: str) -> Path:
+    store = ArtifactStore(cache, size_limit=10**10, maintenance_interval=None)
+    try:
+        nonce = store.local.published_nonce(digest)
+        assert nonce is not None
+        handle = store.local.open_blob_of(digest, nonce, name)
+        assert handle is not None
+        with handle:
+            return Path(handle.name)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_corrupt_store_under_a_server_is_detected_rebuilt_and_never_served(
+    tmp_path: Path, clip_bytes: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    process, client = serve(tmp_path, cache, "corrupt")
+    try:
+        video = client.upload(clip_bytes)
+        request = invert_request(video, max_frames=8, steps=4, edit_steps=4)
+        first = result_of(client.inversion.Invert(request, timeout=300))
+        # bit-flipped, same size and mtime: a cache hit that checked sizes only would serve it
+        tensor = _blob_path(cache, first.digest, "source_000.safetensors")
+        raw = bytearray(tensor.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        stat = tensor.stat()
+        tensor.write_bytes(bytes(raw))
+        os.utime(tensor, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        again = result_of(client.inversion.Invert(request, timeout=300))
+        assert again.digest == first.digest and not again.cache_hit  # rebuilt transparently
+        # a truncated edit result: Download says ABORTED (retryable), the stage rebuilds it
+        edit = result_of(stage_call(client, "propagation", first.digest))
+        video_blob = _blob_path(cache, edit.digest, "edited.mp4")
+        with open(video_blob, "r+b") as f:
+            f.truncate(video_blob.stat().st_size // 2)
+        download = artifacts_pb2.DownloadRequest(digest=edit.digest)
+        code, reason, _, details = client.refused(lambda: client.artifacts.Download(download, timeout=30))
+        assert code == grpc.StatusCode.ABORTED and reason == "ARTIFACT_CORRUPT", (code, reason)
+        assert any(type(d).__name__ == "RetryInfo" for d in details)
+        rebuilt = result_of(stage_call(client, "propagation", first.digest))
+        assert rebuilt.digest == edit.digest and not rebuilt.cache_hit
+        data = b"".join(r.chunk for r in client.artifacts.Download(download, timeout=30))
+        assert hashlib.sha256(data).hexdigest() == rebuilt.files[0].sha256
+        # a deleted blob of the inversion: the edit stage rebuilds the inversion from its recipe
+        _blob_path(cache, first.digest, "latents_clean.safetensors").unlink()
+        other = result_of(stage_call(client, "propagation", first.digest, prompt="a bronze statue"))
+        assert other.digest
+        assert_store_sound(cache)
+    finally:
+        process.terminate()
+        process.close()
+    # a corrupted index: the server starts (no crash loop), rebuilds it and serves what it kept
+    index = cache / "index.db"
+    for extra in ("index.db-wal", "index.db-shm"):
+        (cache / extra).unlink(missing_ok=True)
+    index.write_bytes(os.urandom(index.stat().st_size))
+    process, client = serve(tmp_path, cache, "reindexed")
+    try:
+        assert "rebuilt the index" in process.log_path.read_text()
+        hit = result_of(client.inversion.Invert(request, timeout=300))
+        assert hit.digest == first.digest and hit.cache_hit
+        assert_store_sound(cache)
+    finally:
+        process.close()
+
+
+def test_full_disk_under_a_server_is_a_clean_status_and_it_serves_again(
+    tmp_path: Path, clip_bytes: bytes
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        cache = disk / "cache"
+        process, client = serve(tmp_path, cache, "full")
+        try:
+            filler = fill_disk(disk)
+            code, reason, metadata, details = client.refused(lambda: client.upload(clip_bytes))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "STORE_FULL", (code, reason)
+            assert any(type(d).__name__ == "RetryInfo" for d in details)
+            health = client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == NOT_SERVING
+            partial = [p for p in (cache / "_tmp").rglob("*") if p.is_file() and p.suffix != ".lock"]
+            assert not partial  # no partial upload left
+            filler.unlink()
+            wait_health(client, SERVING, timeout=15)  # the store probes every 2 s while it cannot write
+            video = client.upload(clip_bytes)
+            assert result_of(client.inversion.Invert(invert_request(video), timeout=300)).digest
+            assert_store_sound(cache)
+        finally:
+            process.close()

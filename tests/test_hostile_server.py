@@ -8,7 +8,6 @@ tests and the fuzzers' corpus).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -16,104 +15,16 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
+from grpc_health.v1 import health_pb2
 
 from fuzz import hostile_inputs as hostile
+from tests.rpc_client import Client, status_of, vm_kb
 from tests.serve_process import ServeProcess
 from tokenflow.synthetic import make_clip
-from tokenflow_pb.v1 import (
-    artifacts_pb2,
-    artifacts_pb2_grpc,
-    common_pb2,
-    inversion_pb2,
-    inversion_pb2_grpc,
-    keyframes_pb2,
-    keyframes_pb2_grpc,
-)
+from tokenflow_pb.v1 import artifacts_pb2, common_pb2, keyframes_pb2
 
-MB = 1 << 20
 MAX_DECODED_FRAMES = 500
 IDLE_SECONDS = 3.0
-
-
-def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict, list]:
-    """(code, ErrorInfo reason, ErrorInfo metadata, the other details) of a failed call."""
-    status = rpc_status.from_call(error)
-    reason, metadata, others = "", {}, []
-    for detail in status.details if status is not None else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-        else:
-            for cls in (
-                error_details_pb2.QuotaFailure,
-                error_details_pb2.BadRequest,
-                error_details_pb2.RetryInfo,
-            ):
-                if detail.Is(cls.DESCRIPTOR):
-                    message = cls()
-                    detail.Unpack(message)
-                    others.append(message)
-    return error.code(), reason, metadata, others
-
-
-def vm_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-class Client:
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.channel = grpc.insecure_channel(target)
-        self.artifacts = artifacts_pb2_grpc.ArtifactsStub(self.channel)
-        self.inversion = inversion_pb2_grpc.InversionStub(self.channel)
-        self.keyframes = keyframes_pb2_grpc.KeyframesStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def upload(self, data: bytes, filename: str = "clip.mp4") -> str:
-        def requests() -> Iterator[artifacts_pb2.UploadRequest]:
-            yield artifacts_pb2.UploadRequest(
-                header=artifacts_pb2.UploadHeader(
-                    kind=common_pb2.ARTIFACT_KIND_VIDEO,
-                    filename=filename,
-                    total_size=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-            for i in range(0, len(data), MB):
-                yield artifacts_pb2.UploadRequest(chunk=data[i : i + MB])
-
-        return self.artifacts.Upload(requests(), timeout=60).digest
-
-    def invert(self, digest: str, max_frames: int = 4, **inversion: object) -> common_pb2.Result:
-        request = inversion_pb2.InvertRequest(
-            video_digest=digest,
-            decode=common_pb2.DecodeSpec(max_frames=max_frames, width=64, height=64),
-            inversion=common_pb2.InversionSpec(
-                **{"steps": 2, "edit_steps": 2, "reconstruct": False, **inversion}  # type: ignore[arg-type]
-            ),
-        )
-        result = None
-        for event in self.inversion.Invert(request, timeout=300):
-            if event.WhichOneof("event") == "result":
-                result = event.result
-        assert result is not None
-        return result
-
-    def refused(self, call: object) -> tuple[grpc.StatusCode, str, dict, list]:
-        with pytest.raises(grpc.RpcError) as info:
-            result = call()  # type: ignore[operator]
-            if isinstance(result, Iterator):
-                list(result)
-        return status_of(info.value)
-
-    def health_seconds(self) -> tuple[int, float]:
-        started = time.perf_counter()
-        answer = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        return answer.status, time.perf_counter() - started
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,7 @@ class ArtifactStore:
         self._write_error: str | None = None
         self._health_lock = threading.Lock()
         self._health_listeners: list[Callable[[str], None]] = []
+        self._wake = threading.Event()
         self._set_gauge("store_writable", 1)
         swept = self.sweep_scratch()  # a killed process's uploads and job scratch
         if swept:
@@ -212,8 +213,16 @@ class ArtifactStore:
             if counter is not None:
                 counter.inc()
         self._set_gauge("store_writable", 0 if reason else 1)
+        if reason is not None:
+            self._wake.set()  # the maintenance loop probes often until a write succeeds
         for listener in listeners:
             listener(reason or "")
+
+    def disk_full(self, error: BaseException) -> StoreFull:
+        """What to raise for a full disk met outside `put` (an upload's scratch file): health follows."""
+        log.warning("store: disk full: %s", error)
+        self._set_write_error("the disk under the artifact store is full")
+        return StoreFull(FULL_MESSAGE)
 
     def check_writable(self) -> bool:
         """Probe a write now (file + index); updates health. True if the store can write."""
@@ -243,7 +252,12 @@ class ArtifactStore:
         self.check_writable()
 
     def _maintain_loop(self, interval: float) -> None:
-        while not self._stop.wait(UNWRITABLE_PROBE_INTERVAL if self._write_error else interval):
+        while not self._stop.is_set():
+            # A write error wakes the loop at once: from then on it probes every couple of seconds.
+            self._wake.wait(UNWRITABLE_PROBE_INTERVAL if self._write_error else interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.maintain()
             except Exception:  # the next pass retries
@@ -378,14 +392,18 @@ class ArtifactStore:
 
     # -- get -----------------------------------------------------------------------------------------------
 
-    def get(self, key: str, kind: str | None = None, verify: bool = False) -> Artifact | None:
+    def get(
+        self, key: str, kind: str | None = None, verify: bool = False, raise_corrupt: bool = False
+    ) -> Artifact | None:
         """The artifact, or None on a miss (absent, evicted, or found corrupt and deleted).
 
         Checks the local tier, then the shared one (copying into the local tier). `kind`, if given, labels
         a miss in metrics and must match a hit (else WrongArtifactKind). `verify` hashes every file now.
+        `raise_corrupt`: a corrupt artifact (deleted all the same) raises CorruptArtifact instead of
+        being a miss, for callers that cannot recompute it and must say so (Download).
         """
         check_key(key)
-        found = self._get_local(key)
+        found = self._get_local(key, raise_corrupt)
         art: Artifact | None = None
         if found is not None:
             art = found[0]
@@ -397,6 +415,8 @@ class ArtifactStore:
             try:
                 art.verify_all()
             except CorruptArtifact:
+                if raise_corrupt:
+                    raise
                 art = None
         if art is None:
             self._count("cache_misses_total", kind or "unknown")
@@ -406,11 +426,13 @@ class ArtifactStore:
         self._count("cache_hits_total", art.kind)
         return art
 
-    def _get_local(self, key: str) -> tuple[Artifact, LocalRecord] | None:
+    def _get_local(self, key: str, raise_corrupt: bool = False) -> tuple[Artifact, LocalRecord] | None:
         try:
             record = self.local.record(key)
         except CorruptArtifact:
             self._count("cache_corrupt_total", "unknown")
+            if raise_corrupt:
+                raise
             return None
         if record is None:
             return None
@@ -425,6 +447,8 @@ class ArtifactStore:
             try:
                 self._corrupt(key, manifest.kind, nonce, reason)
             except CorruptArtifact:
+                if raise_corrupt:
+                    raise
                 return None
         self.local.touch_record(key)
         return Artifact(self, manifest, nonce), record
@@ -648,6 +672,7 @@ class ArtifactStore:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._pruner is not None:
             self._pruner.join(timeout=5)
         if self._maintainer is not None:
