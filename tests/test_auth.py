@@ -551,3 +551,46 @@ def test_manifests_bind_every_interface_explicitly() -> None:
     assert len(arg_lists) == 8
     for args in arg_lists:
         assert "--host=0.0.0.0" in args and "--metrics-host=0.0.0.0" in args, args
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("tokenflow-self-signed"))
+        .issuer_name(_name("tokenflow-self-signed"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return _write(directory / "self-signed", key, cert)
+
+
+def test_embedded_server_with_a_self_signed_certificate(
+    tmp_path: Path, token_file: Path, model_host: Any, clip: Path
+) -> None:
+    """`--services all` with one self-signed certificate: the Editor trusts it for its own stages (the
+    default), and presents the token of --internal-token-file."""
+    cert, key = _self_signed(tmp_path)
+    internal = tmp_path / "internal-token"
+    internal.write_text(f"# the Editor's credential\n{TOKENS['root']}\n")
+    config = _config(
+        tmp_path, "all", auth_token_file=token_file, internal_token_file=internal, tls_cert=cert, tls_key=key
+    )
+    with build_server(config, model_host=model_host) as running:
+        with _client(running.target, "alice", tls_ca=cert) as alice:
+            (result,) = alice.edit(
+                clip,
+                edit_spec("a paper sculpture", seed=2),
+                decode=FAST_DECODE,
+                inversion=FAST_INVERSION,
+                keyframes_only=True,
+                timeout=300,
+            )
+            assert result.files and alice.stat(result.digest).digest == result.digest
