@@ -67,7 +67,7 @@ def cli_edit_rss(
 ) -> dict[str, Any]:
     command = [
         *_cli(), "edit", str(clip), "-o", str(out), "-p", "a watercolor painting", "--model", "tiny",
-        "--device", "cpu", "--steps", str(steps), "--size", f"{size}x{size}",
+        "--device", "cpu", "--steps", str(steps), "--inversion-steps", str(steps), "--size", f"{size}x{size}",
         "--keyframe-attention", attention, "--chunk-size", str(batch), "--inversion-batch-size", str(batch),
         "-q", "-y",
     ]  # fmt: skip
