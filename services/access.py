@@ -72,18 +72,20 @@ PUBLIC_META: frozenset[str] = frozenset(
 )
 """Metadata keys anyone with access sees; every other key is user data (module docstring)."""
 
+_MISSING_INVERSION = (
+    "no inversion {digest} on this server: run Inversion.Invert first "
+    "(it may also have been evicted from the cache: invert again, it gets the same digest)"
+)
 INPUT_FIELDS: Mapping[str, str] = {
     "video_digest": (
         "no uploaded video {digest} on this server: upload it with Artifacts.Upload first "
         "(it may also have been evicted from the cache: upload it again)"
     ),
-    "inversion_digest": (
-        "no inversion {digest} on this server: run Inversion.Invert first "
-        "(it may also have been evicted from the cache: invert again, it gets the same digest)"
-    ),
+    "inversion_digest": _MISSING_INVERSION,
+    "shard_digests": _MISSING_INVERSION,  # repeated: the inversions a sharded Invert merges
 }
-"""Request fields naming an input artifact, with the stages' own message for a missing one (a test
-checks they are the stages' words), so a refusal reads exactly like a miss."""
+"""Request fields naming input artifacts (one digest or a repeated list), with the stages' own message
+for a missing one (a test checks they are the stages' words), so a refusal reads exactly like a miss."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS owners (
@@ -233,9 +235,10 @@ class Access:
         for name, missing in INPUT_FIELDS.items():
             if name not in descriptor.fields_by_name:
                 continue
-            digest = getattr(request, name)
-            if isinstance(digest, str) and is_digest(digest):
-                self.require_readable(digest, principal, missing.format(digest=digest))
+            value = getattr(request, name)
+            for digest in [value] if isinstance(value, str) else list(value):
+                if isinstance(digest, str) and is_digest(digest):
+                    self.require_readable(digest, principal, missing.format(digest=digest))
 
     # -- jobs ----------------------------------------------------------------------------------------------
 

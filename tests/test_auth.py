@@ -225,7 +225,30 @@ def test_refusals_read_like_misses() -> None:
     digest = "ab" * 32
     assert INPUT_FIELDS["video_digest"].format(digest=digest) == str(inversion._missing_video(digest))
     assert INPUT_FIELDS["inversion_digest"].format(digest=digest) == str(inversion._missing_inversion(digest))
+    assert INPUT_FIELDS["shard_digests"].format(digest=digest) == str(inversion._missing_inversion(digest))
     assert not {"filename", "media_type", "video_digest", "inversion", "edit", "decode"} & PUBLIC_META
+
+
+def test_every_digest_in_a_request_is_checked() -> None:
+    """Every request field naming artifacts is an input the interceptor checks, or Artifacts' own `digest`
+    (Get, Download, Delete check it themselves): a new one cannot slip past access control."""
+    from tokenflow_pb.v1 import (
+        editor_pb2,
+        inversion_pb2,
+        keyframes_pb2,
+        propagation_pb2,
+        server_info_pb2,
+    )
+
+    names: set[str] = set()
+    for module in (artifacts_pb2, inversion_pb2, keyframes_pb2, propagation_pb2, editor_pb2, server_info_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                names.update(
+                    f.name for f in method.input_type.fields if f.name.endswith(("digest", "digests"))
+                )
+    assert "video_digest" in names and "inversion_digest" in names
+    assert names - {"digest"} <= set(INPUT_FIELDS), names
 
 
 # ----------------------------------------------------------------------------------------------------------
