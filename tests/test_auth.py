@@ -617,3 +617,34 @@ def test_embedded_server_with_a_self_signed_certificate(
                 timeout=300,
             )
             assert result.files and alice.stat(result.digest).digest == result.digest
+
+
+def test_client_command_line_token_and_tls(
+    artifacts_server: RunningServer,
+    tmp_path: Path,
+    pki: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """tokenflow-client: --token, TOKENFLOW_TOKEN, and --tls-ca/--tls-cert/--tls-key."""
+    import json
+
+    from clients.cli import main
+
+    target = artifacts_server.target
+    monkeypatch.delenv("TOKENFLOW_TOKEN", raising=False)
+    assert main(["--target", target, "list", "video"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["--target", target, "--token", TOKENS["bob"], "list", "video"]) == 0
+    json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("TOKENFLOW_TOKEN", TOKENS["bob"])
+    assert main(["--target", target, "list", "video"]) == 0
+    capsys.readouterr()
+
+    tls = {"tls_cert": pki["server_cert"], "tls_key": pki["server_key"], "tls_client_ca": pki["ca"]}
+    with build_server(_config(tmp_path, "artifacts", **tls)) as running:
+        flags = ["--target", running.target, "--timeout", "10"]
+        assert main([*flags, "health"]) == 1  # plaintext
+        client_tls = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["alice_cert"])]
+        assert main([*flags, *client_tls, "--tls-key", str(pki["alice_key"]), "health"]) == 0
+        assert capsys.readouterr().out.strip().endswith("SERVING")
