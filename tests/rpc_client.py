@@ -127,14 +127,14 @@ def result_of(responses: Iterator[object]) -> common_pb2.Result:
     return result
 
 
-def wait_for_progress(responses: Iterator[object], step: int = 1) -> None:
+def wait_for_progress(responses: Iterator[object], step: int = 1) -> common_pb2.Progress:
     """Read a stage's event stream until a computed step (not a cache hit) has been reported."""
     for event in responses:
         if event.WhichOneof("event") == "result":  # type: ignore[attr-defined]
             raise AssertionError("the job finished before it could be interrupted")
         progress = event.progress  # type: ignore[attr-defined]
         if progress.step >= step and not progress.cache_hit:
-            return
+            return progress
     raise AssertionError("the stream ended without progress")
 
 

@@ -533,3 +533,60 @@ def test_full_disk_under_a_server_is_a_clean_status_and_it_serves_again(
             assert_store_sound(cache)
         finally:
             process.close()
+
+
+# --------------------------------------------------------------------------- cancellation frees the CPU
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def seconds_until_idle(pid: int, started: float, limit: float = 60.0) -> float:
+    """Seconds from `started` until the process uses under a fifth of a core over half a second."""
+    while time.monotonic() - started < limit:
+        before, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(0.5)
+        if (cpu_seconds(pid) - before) / (time.monotonic() - t0) < 0.2:
+            return t0 - started
+    raise AssertionError(f"still busy {limit} s after the cancel")
+
+
+@pytest.mark.slow
+def test_cancelled_and_abandoned_jobs_free_the_cpu_within_seconds(tmp_path: Path, clip_bytes: bytes) -> None:
+    """Cancel (an inversion mid-way) and a caller who leaves with no grace (an edit):
+    the work stops within a UNet batch, not at the end of a whole-clip step or of the job."""
+    from tokenflow_pb.v1 import inversion_pb2
+
+    process, client = serve(tmp_path, tmp_path / "cache", "cancel", "--job-grace-seconds", "0")
+    pid = process.process.pid
+    try:
+        video = client.upload(clip_bytes)
+        long = invert_request(video, max_frames=8, steps=500, edit_steps=50, reconstruct=True)
+        responses = client.inversion.Invert(long, timeout=600)
+        progress = wait_for_progress(responses, step=2)
+        started = time.monotonic()
+        cancel = client.inversion.Cancel(inversion_pb2.InversionCancelRequest(job_id=progress.job_id))
+        assert cancel.cancelled
+        code = None
+        try:
+            list(responses)
+        except grpc.RpcError as e:
+            code = e.code()
+        assert code == grpc.StatusCode.CANCELLED
+        inversion_idle = seconds_until_idle(pid, started)
+
+        short = invert_request(video, max_frames=8, steps=50, edit_steps=50)
+        inversion = result_of(client.inversion.Invert(short, timeout=600)).digest
+        edit = stage_call(client, "propagation", inversion)
+        wait_for_progress(edit, step=1)
+        started = time.monotonic()
+        edit.cancel()  # the caller leaves; with no grace the job is cancelled
+        edit_idle = seconds_until_idle(pid, started)
+        print(f"CPU idle after cancel: inversion {inversion_idle:.1f} s, abandoned edit {edit_idle:.1f} s")
+        assert inversion_idle < 15 and edit_idle < 15, (inversion_idle, edit_idle)
+        wait_health(client, SERVING)
+    finally:
+        process.close()
