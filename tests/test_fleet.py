@@ -6,6 +6,12 @@ Editor (in this process, hosting keyframes and propagation too) reaches them thr
 tests check what an operator relies on: calls are spread over both replicas, a full queue and a replica
 killed mid-job fail over to the other replica with the same artifact as a clean run, and health tells
 the truth while a model loads or when it cannot load. Tiny preset, 64x64 clip, a few steps.
+
+The full topology (`s3_fleet`) runs every stage as its own processes -- 1 Editor, 2 inversion, 2
+propagation and 1 keyframes replica, each with its own local cache, all on one S3 tier served by moto --
+and checks the fleet's promises: edits spread over the propagation replicas, a SIGKILLed propagation
+replica changes nothing in the result, a fresh replica edits from the shared tier without inverting, and
+identical inversions on two replicas compute once, also when the lease holder is killed mid-job.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from serve_process import SERVICES_SERVER, ServeProcess
 
 from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients import channels as client_channels
+from clients.client import operation_metadata
 from services import channels as service_channels
 from services.config import ServerConfig
 from services.model_host import ModelHost
@@ -447,3 +454,235 @@ def test_distinct_edits_run_concurrently_and_stream_per_edit(tmp_path: Path, cli
     first_result = min(events.index((i, "result")) for i in (0, 1))
     started = {i for i, kind in events[:first_result] if kind == "progress"}
     assert {0, 1} <= started, f"the edits ran one after the other: {events}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the full topology: separate processes for every stage, one S3 tier
+
+
+def s3_args(cache: Path, endpoint: str, bucket: str, services: str, *extra: str) -> list[str]:
+    return [
+        "--services", services, "--metrics-port", "0", "--cache-dir", str(cache), "--cache-size", "1GB",
+        "--s3-bucket", bucket, "--s3-endpoint-url", endpoint, "--model", "tiny", "--device", "cpu",
+        "--log-level", "WARNING", "--lease-seconds", "3", "--job-grace-seconds", "30", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3_fleet(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[dict[str, Any]]:
+    """1 Editor, 2 inversion, 2 propagation and 1 keyframes replica, each a process with its own local
+    cache, all sharing one S3 tier on the moto server; replicas on 127.0.0.1 and 127.0.0.2."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3-fleet")
+    bucket = "fleet"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    procs: dict[str, Replica] = {}
+
+    def start(name: str, host: str, services: str, *extra: str) -> Replica:
+        replica = Replica(
+            name, host, s3_args(root / f"cache-{name}", s3_server, bucket, services, *extra), root
+        )
+        procs[name] = replica
+        return replica
+
+    try:
+        for i, host in enumerate(("127.0.0.1", "127.0.0.2")):
+            start(f"inversion-{i}", host, "inversion")
+            start(f"propagation-{i}", host, "propagation")
+        start("keyframes-0", "127.0.0.1", "keyframes")
+        for r in procs.values():
+            r.wait_started(300)
+        targets = {
+            stage: "ipv4:" + ",".join(r.target for n, r in procs.items() if n.startswith(stage))
+            for stage in ("inversion", "propagation", "keyframes")
+        }
+        editor = start("editor", "127.0.0.1", "editor", "--inversion-addr", targets["inversion"],
+                       "--propagation-addr", targets["propagation"], "--keyframes-addr", targets["keyframes"],
+                       "--stage-wait-seconds", "120")  # fmt: skip
+        editor.wait_started(300)
+        for r in procs.values():
+            wait_for(lambda r=r: health(r.target) == SERVING, 300, f"{r.name} to serve")
+        yield {"procs": procs, "start": start, "targets": targets, "root": root, "bucket": bucket}
+    finally:
+        for r in procs.values():
+            r.close()
+
+
+def counter(replica: Replica, name: str, **labels: str) -> float:
+    return sample(replica.metrics(), name, **labels)
+
+
+def ok_jobs(replica: Replica, stage: str) -> float:
+    return counter(replica, "tokenflow_jobs_total", stage=stage, outcome="ok")
+
+
+def fleet_inversions(fleet: dict[str, Any]) -> float:
+    return sum(counter(r, "tokenflow_inversions_total") for n, r in fleet["procs"].items()
+               if n.startswith("inversion") and r.process.poll() is None)  # fmt: skip
+
+
+def check_mp4(client: TokenFlowClient, result: Any, dest: Path, frames: int) -> None:
+    from tokenflow.video import probe
+
+    path = client.download(result.digest, dest / f"{result.digest[:12]}.mp4")
+    info = probe(path)
+    assert (info.codec, info.frame_count, info.width, info.height) == ("h264", frames, 64, 64), info
+
+
+@pytest.mark.slow  # six server processes and a 4-prompt Edit on 2 loaded cores
+def test_a_four_prompt_edit_runs_on_both_propagation_replicas(
+    s3_fleet: dict[str, Any], clip_path: Path, tmp_path: Path
+) -> None:
+    procs = s3_fleet["procs"]
+    before = {n: ok_jobs(procs[n], "propagation") for n in ("propagation-0", "propagation-1")}
+    edits = [edit_spec(f"prompt {i}", seed=i) for i in range(4)]
+    with TokenFlowClient(procs["editor"].target, timeout=900) as client:
+        results = client.edit(clip_path, edits, decode=DECODE, inversion=SMALL)
+        assert len({r.digest for r in results}) == 4 and not any(r.cache_hit for r in results)
+        for result in results:
+            check_mp4(client, result, tmp_path, frames=10)
+    ran = {n: ok_jobs(procs[n], "propagation") - before[n] for n in before}
+    assert all(v >= 1 for v in ran.values()) and sum(ran.values()) == 4, ran
+    assert counter(procs["editor"], "tokenflow_jobs_total", stage="propagation", outcome="ok") == 0
+
+
+@pytest.mark.slow  # a clean run and a killed one
+def test_sigkill_of_a_propagation_replica_mid_edit_gives_the_clean_result(
+    s3_fleet: dict[str, Any], clip_path: Path, tmp_path: Path
+) -> None:
+    procs = s3_fleet["procs"]
+    inversion = inversion_spec(prompt="kill", steps=10, edit_steps=10, reconstruct=False)
+    edit = edit_spec("a bronze statue", seed=3)
+    clean_config = ServerConfig(
+        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "clean", cache_size_bytes=1 << 30,
+        model="tiny", device="cpu",
+    )  # fmt: skip
+    with build_server(clean_config) as clean, TokenFlowClient(clean.target, timeout=900) as client:
+        wait_for(lambda: client.health() == "SERVING", 120, "the clean server")
+        (expected,) = client.edit(clip_path, edit, decode=DECODE, inversion=inversion)
+
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    with TokenFlowClient(procs["editor"].target, timeout=900) as client:
+
+        def run() -> None:
+            try:
+                results.extend(client.edit(clip_path, edit, decode=DECODE, inversion=inversion))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def running() -> Replica | None:
+            for name in ("propagation-0", "propagation-1"):
+                r = procs[name]
+                if r.process.poll() is None and counter(r, "tokenflow_jobs_in_flight", stage="propagation"):
+                    return r
+            return None
+
+        victim = wait_for(running, 600, "a propagation replica to run the edit", interval=0.02)
+        victim.kill()
+        thread.join(900)
+        assert not thread.is_alive() and not errors, errors
+        (result,) = results
+        assert result.digest == expected.digest and files_of(result) == files_of(expected)
+        check_mp4(client, result, tmp_path, frames=10)
+    failovers = sum(
+        counter(procs["editor"], "tokenflow_stage_failovers_total", stage="propagation", reason=reason)
+        for reason in ("unavailable", "stream_broken", "stream_ended")
+    )
+    assert failovers >= 1
+
+
+@pytest.mark.slow  # a fresh replica process
+def test_a_replica_that_never_saw_the_clip_edits_from_the_shared_tier(
+    s3_fleet: dict[str, Any], clip_path: Path, tmp_path: Path
+) -> None:
+    with TokenFlowClient(s3_fleet["targets"]["inversion"], timeout=900) as client:
+        video = client.upload(clip_path)
+        inverted = client.invert(video, decode=DECODE, inversion=SMALL)  # stored by an earlier edit
+    inversions_before = fleet_inversions(s3_fleet)
+    fresh = s3_fleet["start"]("propagation-fresh", "127.0.0.2", "propagation").wait_started(300)
+    wait_for(lambda: health(fresh.target) == SERVING, 300, "the fresh replica")
+    with TokenFlowClient(fresh.target, timeout=900) as client:
+        result = client.propagate(inverted.digest, edit_spec("a new prompt", seed=11))
+        check_mp4(client, result, tmp_path, frames=10)
+    m = fresh.metrics()
+    assert sample(m, "tokenflow_inversions_total") == 0  # the inversion came from S3: no rebuild
+    assert sample(m, "tokenflow_jobs_total", stage="propagation", outcome="ok") == 1
+    assert fleet_inversions(s3_fleet) == inversions_before  # and no inversion replica computed one
+
+
+@pytest.mark.slow  # two concurrent inversions, then a holder killed mid-job
+def test_the_same_invert_on_both_inversion_replicas_computes_once(
+    s3_fleet: dict[str, Any], clip_path: Path
+) -> None:
+    procs = s3_fleet["procs"]
+    a, b = procs["inversion-0"], procs["inversion-1"]
+    spec = inversion_spec(prompt="both at once", steps=20, edit_steps=2, reconstruct=False)
+    with TokenFlowClient(a.target, timeout=600) as ca, TokenFlowClient(b.target, timeout=600) as cb:
+        video = ca.upload(clip_path)
+        before = fleet_inversions(s3_fleet)
+        out: dict[str, Any] = {}
+        messages: list[str] = []
+
+        def call(name: str, client: TokenFlowClient) -> None:
+            out[name] = client.invert(video, decode=DECODE, inversion=spec,
+                                      on_event=lambda e: messages.append(e.progress.message))  # fmt: skip
+
+        threads = [threading.Thread(target=call, args=(n, c), daemon=True) for n, c in (("a", ca), ("b", cb))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert out["a"].digest == out["b"].digest
+        assert fleet_inversions(s3_fleet) - before == 1  # computed once
+        assert (
+            any(m.startswith("computed by replica") for m in messages)
+            or out["a"].cache_hit
+            or out["b"].cache_hit
+        )
+
+
+@pytest.mark.slow  # a holder SIGKILLed mid-job, the waiting replica takes over after the lease expires
+def test_killing_the_lease_holder_lets_the_waiting_replica_take_over(
+    s3_fleet: dict[str, Any], clip_path: Path
+) -> None:
+    procs = s3_fleet["procs"]
+    a, b = procs["inversion-0"], procs["inversion-1"]
+    spec = inversion_spec(prompt="take over", steps=40, edit_steps=2, reconstruct=False)
+    with TokenFlowClient(a.target, timeout=900) as ca, TokenFlowClient(b.target, timeout=900) as cb:
+        video = ca.upload(clip_path)
+        first_events: list[Any] = []
+        holder_error: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                ca.invert(video, decode=DECODE, inversion=spec, on_event=first_events.append)
+            except BaseException as e:  # noqa: BLE001 - the holder is killed
+                holder_error.append(e)
+
+        threading.Thread(target=hold, daemon=True).start()
+        job_id = wait_for(lambda: first_events and first_events[0].progress.job_id, 300, "the job id")
+        op = wait_for(lambda: (o := cb.get_operation(job_id)) and operation_metadata(o).holder and o, 300,
+                      "the holder's lease")  # fmt: skip
+        assert f"port {a.port}" in operation_metadata(op).holder
+        waiting: dict[str, Any] = {}
+        relayed: list[str] = []
+
+        def wait() -> None:
+            waiting["result"] = cb.invert(video, decode=DECODE, inversion=spec,
+                                          on_event=lambda e: relayed.append(e.progress.message))  # fmt: skip
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        wait_for(lambda: any(m.startswith("computed by replica") for m in relayed), 120, "b to wait on a")
+        a.kill()
+        waiter.join(900)
+        assert waiting["result"].digest == job_id
+        assert counter(b, "tokenflow_inversions_total") >= 1
+        done = cb.get_operation(job_id)
+        metadata = operation_metadata(done)
+        assert done.done and metadata.attempt == 2 and f"port {b.port}" in metadata.holder
