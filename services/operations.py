@@ -115,13 +115,13 @@ class OperationsServicer(lro_grpc.OperationsServicer):
             if job is None or job.done:
                 continue
             lease = self.leases.current(key)
-            mine = lease is not None and lease.holder == self.holder and not lease.done
             metadata = operations_pb2.OperationMetadata(
                 stage=enum_value(common_pb2.Stage, name),
                 progress=progress_message(key, job.latest_progress or {}),
                 holder=self.holder if job.started is not None else "",
             )
-            if mine and lease is not None:
+            if lease is not None and not lease.done and not lease.expired():
+                metadata.holder = lease.holder  # this replica may be waiting on another one's lease
                 self._lease_times(metadata, lease)
             return self._operation(key, metadata)
         return None
