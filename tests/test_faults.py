@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -590,3 +591,36 @@ def test_cancelled_and_abandoned_jobs_free_the_cpu_within_seconds(tmp_path: Path
         wait_health(client, SERVING)
     finally:
         process.close()
+
+
+def test_reconstruction_stops_within_one_unet_batch(tiny_model: Any, clip_array: Any) -> None:
+    """A cancel during the reconstruction lands after the UNet batch in progress, not at the step's end."""
+    from tokenflow.errors import Cancelled
+    from tokenflow.inversion import frames_from_array, invert
+    from tokenflow.progress import JobHooks
+    from tokenflow.specs import InversionSpec
+
+    calls = {"unet": 0, "at_cancel": -1}
+    reconstructing = {"on": False}
+
+    def progress(event: Any) -> None:
+        if event.stage == "invert" and event.step == event.total:
+            reconstructing["on"] = True  # the inversion is done: the next check is inside reconstruct
+
+    def check() -> None:
+        if reconstructing["on"] and calls["at_cancel"] < 0 and calls["unet"] > 0:
+            calls["at_cancel"] = calls["unet"]
+            raise Cancelled("cancelled by the test")
+
+    def count(*_: Any) -> None:
+        if reconstructing["on"]:
+            calls["unet"] += 1
+
+    handle = tiny_model.unet.register_forward_hook(count)
+    try:
+        spec = InversionSpec(steps=2, edit_steps=2, reconstruct=True, batch_size=2)
+        with pytest.raises(Cancelled):
+            invert(tiny_model, frames_from_array(clip_array[:8]), spec, hooks=JobHooks(progress, check))
+    finally:
+        handle.remove()
+    assert calls["at_cancel"] == 1 and calls["unet"] == 1  # one batch of 2 of the step's 4 batches

@@ -468,7 +468,17 @@ def reconstruct(
     for i, t in enumerate(timesteps):
         alpha_t = alphas[t]
         alpha_next = alphas[timesteps[i + 1]] if i < len(timesteps) - 1 else scheduler.final_alpha_cumprod
-        ddim_move(model, x, t, cond, alpha_t, alpha_next, batch_size)
+        ddim_move(
+            model,
+            x,
+            t,
+            cond,
+            alpha_t,
+            alpha_next,
+            batch_size,
+            # cancellation is checked after every UNet batch, not only after each whole-clip step
+            done=lambda f, i=i: hooks.report_within("reconstruct", i, len(timesteps), f, x.shape[0]),
+        )
         hooks.report("reconstruct", i + 1, len(timesteps))
     return x
 
