@@ -17,6 +17,11 @@ warm (VmRSS). Bounded in time and count, loopback only. Prints the machine, a ta
 object (also written to --json).
 
 This is a benchmark, not a test: run it once and read the figures with the machine's load in mind.
+
+Measured once with the defaults (2 CPU cores, no GPU, while other jobs held the load average at 8-12):
+8 completed, 1,700 refused with RESOURCE_EXHAUSTED + RetryInfo, 0 failed otherwise; latency p50 129 s,
+p95 152 s (queueing on an over-subscribed CPU); health p50 30 ms, p95 112 ms, max 245 ms over 248
+checks, all SERVING; server peak RSS +53 MB over its warm 479 MB.
 """
 
 from __future__ import annotations
