@@ -242,6 +242,14 @@ EDIT_FLAGS: tuple[SpecFlag, ...] = (
         minimum=0,
         maximum=1048576,
     ),
+    _edit(
+        "features",
+        ["--no-features"],
+        bool,
+        True,
+        "TokenFlow methods: record the clip's prompt-independent source features, or use them when "
+        "recorded, so the propagation pass runs no source branch (same result within float tolerance)",
+    ),
 )
 
 _ALL = DECODE_FLAGS + INVERSION_FLAGS + EDIT_FLAGS
@@ -269,6 +277,8 @@ def add_spec_flags(
         kwargs: dict[str, Any] = {"dest": flag.dest, "help": _help(flag), "default": None}
         if flag.choices is not None:
             kwargs["choices"] = flag.choices
+        elif flag.type is bool:  # a switch: the flag sets the opposite of the default (--no-features)
+            kwargs.update(action="store_const", const=not flag.default)
         else:
             kwargs["type"] = flag.type
             kwargs["metavar"] = flag.field.upper()

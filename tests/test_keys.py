@@ -36,6 +36,7 @@ EDIT_CHANGES: dict[str, Any] = {
     "crf": 30,
     "keyframe_attention": "window:1",
     "keyframe_group_size": 2,  # execution only
+    "features": False,  # execution only: the source features change how propagation runs, not its result
 }
 
 # Which edit fields determine which artifact, by method (hand-written ground truth).

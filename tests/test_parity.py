@@ -29,13 +29,22 @@ FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "wo
     not (FIXTURE / "reference.json").is_file(),
     reason=f"parity fixture not present at {FIXTURE} (../shared is optional; it holds the official numbers)",
 )
-def test_parity_with_the_official_code() -> None:
+@pytest.mark.parametrize(
+    "features",
+    # With features: the edit records the source features, then the checked edit replays them (its
+    # propagation runs no source branch); twice the edit time, so slow.
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["source-branch", "features"],
+)
+def test_parity_with_the_official_code(features: bool) -> None:
     cli = Path(sys.executable).with_name("tokenflow")
     command = (
         [str(cli), "parity", str(FIXTURE), "--quiet"]
         if cli.exists()
         else [sys.executable, "-m", "tokenflow.cli", "parity", str(FIXTURE), "--quiet"]
     )
+    if features:
+        command.append("--features")
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -49,10 +58,14 @@ def test_parity_with_the_official_code() -> None:
         "first_step_over",
         "frames_psnr_db",
         "keyframes_match",
+        "propagation_batches",
+        "features_vs_source_branch_rel_l2",
+        "features_bytes",
         "seconds",
     ):
         print(f"  {key:24} {report.get(key)}")
     assert report["frames"] == 16
+    assert set(report["propagation_batches"]) == {"features" if features else "source_branch"}
     assert report["latents_clean_rel_l2"] <= 1e-4
     assert report["inversion_rel_l2"] is not None and report["inversion_rel_l2"] <= 1e-4
     assert report["eps_rel_l2"] <= 1e-3

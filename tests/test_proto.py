@@ -188,7 +188,7 @@ def test_artifact_kinds_stages_and_phases_cover_what_the_services_emit() -> None
     from services.convert import enum_value
     from tokenflow_pb.v1 import common_pb2
 
-    kinds = {"video", "inversion", "keyframes", "propagation"}
+    kinds = {"video", "inversion", "keyframes", "propagation", "features"}
     assert set(_enum_short_names(common_pb2.ArtifactKind)) == kinds
     assert _enum_short_names(common_pb2.Stage) == ["inversion", "keyframes", "propagation"]
     for phase in ("queued", "running", "cached", "waiting", "rebuild", "publish"):  # the services' own

@@ -5,8 +5,10 @@ Everything the method changes inside the UNet lives here: a processor on every `
 one `TokenFlowState` object that the editing loop owns and updates per step and per batch;
 nothing is stored on diffusers modules and the original processors are restored on exit.
 
-Batches are always three branches stacked along the batch axis: source (inverted latents,
-inversion prompt), unconditional and conditional (edited latents), n frames each.
+A batch stacks branches along the batch axis, n frames each, in the order of the state's
+`BranchLayout` (tokenflow.branches): the keyframe pass holds source (inverted latents, inversion
+prompt), unconditional and conditional (edited latents); a propagation pass whose source contributions
+come from a `SourceHook` (tokenflow.features) holds only the edited branches.
 
 Modes:
 - ``keyframes``: extended attention — uncond/cond queries of each keyframe attend to the keys
@@ -14,7 +16,8 @@ Modes:
   records each layer's input tokens of the source branch and its output (after ``to_out``).
 - ``propagate``: no attention is computed; each frame's output is gathered from the recorded
   keyframe outputs at the nearest-neighbour (cosine) tokens of its source-branch input among
-  the two nearest keyframes' source tokens, blended by temporal distance.
+  the two nearest keyframes' source tokens, blended by temporal distance. The correspondences go
+  through the state's hooks, which may record them or supply them instead of the source branch.
 - ``per-frame``: ordinary per-frame attention on all branches (the per-frame PnP baseline).
 
 PnP injection: in the decoder's self-attention layers (all up-block attentions but the first
@@ -34,13 +37,16 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from tokenflow.branches import SOURCE, WITH_SOURCE, BranchLayout, HookRegistry
+
 MODES = ("keyframes", "propagate", "per-frame")
 # Decoder self-attentions that get PnP query/key injection: up-blocks 1..3, except up_blocks[1].attentions[0].
 PNP_ATTENTIONS = {1: (1, 2), 2: (0, 1, 2), 3: (0, 1, 2)}
 NN_ROW_BLOCK = 8192  # rows of the similarity matrix computed at once (bounds memory, same result)
 
 T = TypeVar("T")
-LayerRecord = tuple[torch.Tensor, torch.Tensor]  # (source tokens [K,seq,dim], outputs [3,K,seq,dim])
+LayerRecord = tuple[torch.Tensor, torch.Tensor]
+"""(source tokens [K,seq,dim], outputs [branches,K,seq,dim]) in the keyframe pass's branch layout."""
 
 
 class Lockstep:
@@ -124,10 +130,16 @@ class TokenFlowState:
     frame_indices: list[int] = field(default_factory=list)  # global frame index of each frame in the batch
     keyframe_interval: int = 8
     weighting: str = "sigmoid"
+    layout: BranchLayout = WITH_SOURCE
+    """The branches of the batch the UNet runs on now."""
+    keyframe_layout: BranchLayout = WITH_SOURCE
+    """The branches of the keyframe records (the layout of the keyframe pass that made them)."""
+    hooks: HookRegistry = field(default_factory=HookRegistry)
+    """Observe or supply what propagation takes from the source branch (tokenflow.branches)."""
     recorded: dict[str, LayerRecord] = field(default_factory=dict)
     """The last keyframe pass's records, for the keyframes of that pass in batch order."""
     keyframes: dict[int, dict[str, LayerRecord]] = field(default_factory=dict)
-    """What propagation reads: window -> layer -> (tokens [1,seq,dim], outputs [3,1,seq,dim])."""
+    """What propagation reads: window -> layer -> (tokens [1,seq,dim], outputs [branches,1,seq,dim])."""
     lockstep: Lockstep | None = None
     """Set while a keyframe pass runs in groups (see `Lockstep`)."""
 
@@ -184,25 +196,33 @@ class TokenFlowAttnProcessor:
         state = self.state
         if state.mode == "propagate":
             return self._propagate(hidden_states)
-        n = hidden_states.shape[0] // 3
+        layout = state.layout
+        n = layout.frames(hidden_states.shape[0])
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if self.pnp_layer and state.pnp_attn:
-            q = torch.cat([q[:n]] * 3)
-            k = torch.cat([k[:n]] * 3)
+        if self.pnp_layer and state.pnp_attn:  # every branch's queries and keys are the source's
+            q = torch.cat([layout.part(q, SOURCE)] * layout.count)
+            k = torch.cat([layout.part(k, SOURCE)] * layout.count)
         if state.mode == "keyframes":
-            ku, vu, kc, vc = k[n : 2 * n], v[n : 2 * n], k[2 * n :], v[2 * n :]
+            # Extended attention for the edited branches; the source keeps per-frame attention.
+            kv = [(layout.part(k, b), layout.part(v, b)) for b in layout.names if b != SOURCE]
             ls = state.lockstep
             if ls is not None:  # a group of a larger pass: attend to every group's keys and values
-                posted = ls.exchange(self.name, (ku, vu, kc, vc))
-                ku, vu, kc, vc = (torch.cat([p[i] for p in posted]) for i in range(4))
-            out = torch.cat(
-                [
-                    _attention(attn, q[:n], k[:n], v[:n], joint=False),
-                    _attention(attn, q[n : 2 * n], ku, vu, joint=True),
-                    _attention(attn, q[2 * n :], kc, vc, joint=True),
+                posted = ls.exchange(self.name, kv)
+                kv = [
+                    (torch.cat([p[j][0] for p in posted]), torch.cat([p[j][1] for p in posted]))
+                    for j in range(len(kv))
                 ]
-            )
-            del ku, vu, kc, vc
+            joint = iter(kv)
+            parts = []
+            for b in layout.names:
+                qb = layout.part(q, b)
+                if b == SOURCE:
+                    parts.append(_attention(attn, qb, layout.part(k, b), layout.part(v, b), joint=False))
+                else:
+                    kb, vb = next(joint)
+                    parts.append(_attention(attn, qb, kb, vb, joint=True))
+            out = torch.cat(parts)
+            del kv, joint, parts
             if ls is not None:
                 ls.release(self.name)
         elif state.mode == "per-frame":
@@ -215,38 +235,58 @@ class TokenFlowAttnProcessor:
         out = out / attn.rescale_output_factor
         if state.mode == "keyframes":
             seq, dim = out.shape[1:]
-            # A copy of the source third: a view would keep the whole [3n, ...] input alive.
-            state.record(self.name, hidden_states[:n].clone(), out.view(3, n, seq, dim))
+            state.keyframe_layout = layout
+            # A copy of the source part: a view would keep the whole stacked input alive.
+            state.record(self.name, layout.part(hidden_states, SOURCE).clone(), out.view(-1, n, seq, dim))
         return out
 
     def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = self.state
-        n = hidden_states.shape[0] // 3
+        layout = state.layout
+        n = layout.frames(hidden_states.shape[0])
         seq, dim = hidden_states.shape[1:]
         frames = torch.tensor(state.frame_indices, device=hidden_states.device)
         windows = frames // state.keyframe_interval
-        src = hidden_states[:n]
-        out = torch.empty(3, n, seq, dim, dtype=hidden_states.dtype, device=hidden_states.device)
+        src = layout.part(hidden_states, SOURCE) if layout.has(SOURCE) else None
+        rows = [state.keyframe_layout.index(b) for b in layout.names]  # keyframe record rows, batch order
+        out = torch.empty(layout.count, n, seq, dim, dtype=hidden_states.dtype, device=hidden_states.device)
         for w in windows.unique().tolist():
             sel = (windows == w).nonzero().squeeze(1)
-            x = src[sel].reshape(-1, dim)
-            tokens, kf_out = self._keyframe(w)
-            current = _gather(kf_out, nearest_tokens(x, tokens))
+            m = len(sel)
+            pair = state.hooks.correspondence(
+                self.name, frames[sel].tolist(), lambda w=w, sel=sel: self._nearest(src, sel, w, seq, dim)
+            ).to(hidden_states.device, torch.long)
+            kf_out = self._keyframe(w)[1][rows]
+            current = kf_out[:, pair[:, 0].reshape(-1)].view(layout.count, m, seq, dim)
             if w == 0:
-                out[:, sel] = current.view(3, len(sel), seq, dim)
+                out[:, sel] = current
                 continue
-            tokens, kf_out = self._keyframe(w - 1)
-            previous = _gather(kf_out, nearest_tokens(x, tokens))
+            kf_prev = self._keyframe(w - 1)[1][rows]
+            previous = kf_prev[:, pair[:, 1].reshape(-1)].view(layout.count, m, seq, dim)
             w1 = blend_weights(frames[sel], w, state.keyframe_interval, state.weighting)
             w1 = w1.to(current.dtype).view(1, -1, 1, 1)
-            blended = w1 * current.view(3, len(sel), seq, dim) + (1 - w1) * previous.view(
-                3, len(sel), seq, dim
+            out[:, sel] = w1 * current + (1 - w1) * previous
+        return out.reshape(layout.count * n, seq, dim)
+
+    def _nearest(
+        self, src: torch.Tensor | None, sel: torch.Tensor, window: int, seq: int, dim: int
+    ) -> torch.Tensor:
+        """[m, 2, seq]: each token's nearest source token in the keyframe of `window` and of the previous
+        window (zeros for window 0, which has none), from the source branch's input tokens."""
+        if src is None:
+            raise RuntimeError(
+                f"{self.name}: the batch has no source branch and no hook supplies the correspondences"
             )
-            out[:, sel] = blended
-        return out.reshape(3 * n, seq, dim)
+        x = src[sel].reshape(-1, dim)
+        current = nearest_tokens(x, self._keyframe(window)[0]).view(len(sel), seq)
+        if window == 0:
+            previous = torch.zeros_like(current)
+        else:
+            previous = nearest_tokens(x, self._keyframe(window - 1)[0]).view(len(sel), seq)
+        return torch.stack([current, previous], dim=1)
 
     def _keyframe(self, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source tokens [seq,dim], outputs [3,seq,dim]) recorded for the keyframe of `window`."""
+        """(source tokens [seq,dim], outputs [branches,seq,dim]) recorded for the keyframe of `window`."""
         layers = self.state.keyframes.get(window)
         if layers is None or self.name not in layers:
             raise RuntimeError(f"{self.name}: propagation before the keyframe pass of window {window}")
@@ -281,11 +321,6 @@ def nearest_tokens(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def _gather(kf_out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """kf_out [3,seq,dim] at token indices idx [M] -> [3,M,dim]."""
-    return kf_out[:, idx]
-
-
 def blend_weights(frames: torch.Tensor, window: int, interval: int, weighting: str) -> torch.Tensor:
     """Weight of the current window's keyframe for each frame.
 
@@ -305,8 +340,16 @@ def _conv_injection_hook(state: TokenFlowState):  # noqa: ANN202 - torch hook si
     def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         if not state.pnp_conv:
             return None
-        n = output.shape[0] // 3
-        return torch.cat([output[:n]] * 3)
+        layout = state.layout
+
+        def source() -> torch.Tensor:
+            if not layout.has(SOURCE):
+                raise RuntimeError("PnP conv injection: no source branch and no hook supplies its feature")
+            return layout.part(output, SOURCE)
+
+        # In propagation the source's feature goes through the hooks (recorded, or supplied instead).
+        feature = state.hooks.conv(state.frame_indices, source) if state.mode == "propagate" else source()
+        return torch.cat([feature.to(output.device, output.dtype)] * layout.count)
 
     return hook
 

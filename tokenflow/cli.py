@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from tokenflow.console import ProgressDisplay
 from tokenflow.errors import SpecError, TokenFlowError
+from tokenflow.methods import method
 from tokenflow.progress import JobHooks
 from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec, spec_fields
 
@@ -55,6 +56,8 @@ def add_spec_flags(p: argparse.ArgumentParser, cls: type, skip: Iterable[str] = 
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.doc.help + default}
         if f.doc.choices is not None:
             kwargs["choices"] = f.doc.choices
+        elif f.type is bool:  # a switch: the flag sets the opposite of the default (--no-features)
+            kwargs.update(action="store_const", const=not f.default)
         else:
             kwargs["type"] = _flag_type(f.type)
         group.add_argument(*f.doc.flags, **kwargs)
@@ -185,9 +188,27 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
             if decode.size is None:  # edit the generated clip at its own size, not upscaled to the area
                 decode = decode.replace(width=256, height=256)
         inversion = invert_video(model, source, decode, inversion_spec, hooks)
-    out = render_edit(model, inversion, spec, output, audio_source=source, hooks=hooks)
+    source_hook, features_dir, features_path = None, None, "source_branch"
+    if a.from_inversion and spec.features and method(spec.method).keyframes:
+        from tokenflow.features import beside_saved_inversion
+
+        source_hook, features_dir = beside_saved_inversion(a.from_inversion, inversion, spec)
+    out = render_edit(
+        model, inversion, spec, output, audio_source=source, hooks=hooks, source_hook=source_hook
+    )
     progress.close()
+    if source_hook is not None and features_dir is not None:
+        from tokenflow.features import FeaturesRecorder, publish_recorded
+
+        if isinstance(source_hook, FeaturesRecorder):
+            recorded = publish_recorded(source_hook, features_dir)
+            features_path = "recorded" if recorded is not None else f"not recorded: {source_hook.refused}"
+        else:
+            features_path = "features"
     return {
+        "features": features_path,
+        "features_dir": str(features_dir) if features_dir else None,
+        "propagation_batches": out.result.propagation_batches,
         "output": str(out.path),
         "frames": out.frames,
         "fps": float(out.fps),
@@ -231,7 +252,9 @@ def cmd_parity(a: argparse.Namespace) -> dict[str, Any]:
     from tokenflow.parity import run_parity
 
     progress = ProgressDisplay(not a.quiet)
-    report = run_parity(a.fixture, device=a.device or "cpu", hooks=JobHooks(progress=progress))
+    report = run_parity(
+        a.fixture, device=a.device or "cpu", hooks=JobHooks(progress=progress), features=a.features
+    )
     progress.close()
     return report
 
@@ -310,6 +333,11 @@ def build_parser(plugins: Iterable[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("fixture")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help="record the source features, then check the edit that replays them (no source branch)",
+    )
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("make-clip", help="write a generated test clip (moving shapes, with audio)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tokenflow.attention import TokenFlowState, tokenflow_unet
+from tokenflow.branches import COND, EDITED_ONLY, SOURCE, UNCOND, WITH_SOURCE, BranchLayout, SourceHook
 from tokenflow.encoding import decode_latents, encode_prompt
 from tokenflow.errors import SpecError
 from tokenflow.inversion import READ_BATCH, Inversion
@@ -48,6 +49,14 @@ class EditResult:
     trajectory: list[torch.Tensor] | None = None  # latents after every step, when asked for
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of the keyframe and other passes
+    propagation_batches: dict[str, int] = field(default_factory=dict)
+    """Propagation-pass UNet batches by path: PATH_SOURCE_BRANCH (the source branch ran) or PATH_FEATURES."""
+
+
+SOURCE_HOOK = "source_features"
+"""The name under which `edit` registers its `source_hook`."""
+PATH_SOURCE_BRANCH = "source_branch"
+PATH_FEATURES = "features"
 
 
 @dataclass
@@ -106,25 +115,29 @@ def start_latents(inversion: Inversion, scheduler: Any, timestep: int, frames: S
 
 
 def _unet_branches(
-    model: Model, prep: _Prepared, source: torch.Tensor, x: torch.Tensor, t: int
+    model: Model,
+    prep: _Prepared,
+    layout: BranchLayout,
+    source: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    t: int,
 ) -> torch.Tensor:
-    """UNet on [source; x; x] with [inversion prompt; negative; prompt]: returns guided-ready [3n,...]."""
+    """UNet on the layout's branches stacked (source: the inverted latents with the inversion prompt;
+    uncond / cond: `x` with the negative / target prompt). `source` is read only if the layout holds it."""
     n = x.shape[0]
-    latents = torch.cat([source, x, x]).to(model.device, model.dtype)
-    embeds = torch.cat(
-        [
-            prep.embeds_source.expand(n, -1, -1),
-            prep.embeds_uncond.expand(n, -1, -1),
-            prep.embeds_cond.expand(n, -1, -1),
-        ]
-    )
-    return model.unet(latents, t, encoder_hidden_states=embeds).sample.float().cpu()
+    latents = {SOURCE: source if layout.has(SOURCE) else None, UNCOND: x, COND: x}
+    embeds = {SOURCE: prep.embeds_source, UNCOND: prep.embeds_uncond, COND: prep.embeds_cond}
+    stacked = torch.cat(
+        [latents[b]() if b == SOURCE else latents[b] for b in layout.names]  # type: ignore[operator]
+    ).to(model.device, model.dtype)
+    states = torch.cat([embeds[b].expand(n, -1, -1) for b in layout.names])
+    return model.unet(stacked, t, encoder_hidden_states=states).sample.float().cpu()
 
 
 def _guided_step(
-    prep: _Prepared, noise: torch.Tensor, t: int, x: torch.Tensor, guidance: float
+    prep: _Prepared, layout: BranchLayout, noise: torch.Tensor, t: int, x: torch.Tensor, guidance: float
 ) -> torch.Tensor:
-    _, uncond, cond = noise.chunk(3)
+    uncond, cond = layout.part(noise, UNCOND), layout.part(noise, COND)
     guided = uncond + guidance * (cond - uncond)
     return prep.scheduler.step(guided, t, x).prev_sample
 
@@ -174,8 +187,9 @@ def _keyframe_pass(
 
     def run(positions: list[int]) -> torch.Tensor:
         state.mode = "keyframes"
+        state.layout = WITH_SOURCE  # the keyframe pass always runs the source branch (K of N frames)
         state.frame_indices = [keyframes[p] for p in positions]
-        return _unet_branches(model, prep, source[positions], x[positions], t)
+        return _unet_branches(model, prep, WITH_SOURCE, lambda: source[positions], x[positions], t)
 
     window, group = options
     return KeyframePass(state, run, len(keyframes), window, group, keep_noise=keep_noise)
@@ -188,8 +202,15 @@ def edit(
     spec: EditSpec,
     hooks: JobHooks = NO_HOOKS,
     keep_trajectory: bool = False,
+    source_hook: SourceHook | None = None,
 ) -> EditResult:
-    """Edit every frame with the spec's method; returns the final latents (decode them lazily)."""
+    """Edit every frame with the spec's method; returns the final latents (decode them lazily).
+
+    `source_hook` (TokenFlow methods only) sees, or supplies, what the propagation pass takes from the
+    source branch (tokenflow.features: a recorder or a replayer); when it supplies all of it, the
+    propagation batches hold only the unconditional and conditional branches. The keyframe pass always
+    runs its source branch.
+    """
     prep = _prepare(model, inversion, spec)
     options = _pass_options(model, inversion, spec)
     n = inversion.n_frames
@@ -198,6 +219,11 @@ def edit(
     info = method(spec.method)
     schedule = resolve_schedule(spec, n, total) if info.keyframes else []
     state = TokenFlowState(keyframe_interval=spec.keyframe_interval, weighting=spec.propagation_weighting)
+    if source_hook is not None and schedule:
+        state.hooks.register_hook(source_hook, SOURCE_HOOK)
+    propagation_layout = EDITED_ONLY if state.hooks.supplies_source else WITH_SOURCE
+    path = PATH_FEATURES if propagation_layout is EDITED_ONLY else PATH_SOURCE_BRANCH
+    batches = 0
     x = prep.x
     trajectory: list[torch.Tensor] | None = [] if keep_trajectory else None
     warnings = []
@@ -215,6 +241,7 @@ def edit(
             step_started = time.perf_counter()
             source = inversion.source_latents_at(step_index)  # read lazily, frames as needed
             state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
+            state.hooks.begin_step(step_index)
             kpass = None
             if schedule:
                 kf = schedule[i]
@@ -232,15 +259,19 @@ def edit(
                         state.forget_before(lo)
                         kpass.ensure(lo, hi)
                     state.mode = "propagate"
+                state.layout = propagation_layout
                 state.frame_indices = chunk
                 rows = x[b : b + len(chunk)]
                 if not info.uses_prompt:
                     new = _reconstruct_step(model, prep, rows, t)
                 else:
-                    noise = _unet_branches(model, prep, source[chunk], rows, t)
-                    new = _guided_step(prep, noise, t, rows, spec.guidance_scale)
+                    layout = state.layout
+                    noise = _unet_branches(model, prep, layout, lambda s=source, c=chunk: s[c], rows, t)
+                    new = _guided_step(prep, layout, noise, t, rows, spec.guidance_scale)
+                    batches += 1
                 x[b : b + len(chunk)] = new
                 hooks.report_within("edit", i, total, frames_done=b + len(chunk), frames_total=n)
+            state.hooks.end_step(step_index)
             state.clear()
             keyframe_seconds = kpass.seconds if kpass is not None else 0.0
             seconds["keyframes"] += keyframe_seconds
@@ -249,7 +280,12 @@ def edit(
                 trajectory.append(x.clone())
             hooks.report("edit", i + 1, total, frames_done=n, frames_total=n)
     return EditResult(
-        latents=x, keyframes=schedule, trajectory=trajectory, warnings=warnings, seconds=seconds
+        latents=x,
+        keyframes=schedule,
+        trajectory=trajectory,
+        warnings=warnings,
+        seconds=seconds,
+        propagation_batches={path: batches} if batches else {},
     )
 
 
@@ -287,7 +323,7 @@ def edit_keyframes(
             kpass.run_all()
             noise = torch.stack([kpass.noise[p] for p in range(len(kf))], dim=1)
             noise = noise.reshape(-1, *noise.shape[2:])
-            x = _guided_step(prep, noise, t, x, spec.guidance_scale)
+            x = _guided_step(prep, state.keyframe_layout, noise, t, x, spec.guidance_scale)
             state.clear()
             hooks.report("keyframes", i + 1, len(prep.timesteps), frames_done=len(kf), frames_total=len(kf))
     return list(kf), decode_latents(model, x)

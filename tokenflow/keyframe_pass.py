@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tokenflow.attention import Lockstep, TokenFlowState
+from tokenflow.branches import WITH_SOURCE
 from tokenflow.errors import SpecError
 from tokenflow.specs import parse_keyframe_attention  # noqa: F401 - declared beside its field; editing uses it
 
@@ -62,7 +63,7 @@ def auto_group_size(
         return None
     free, _ = torch.cuda.mem_get_info(device)
     elt = torch.tensor([], dtype=dtype).element_size()
-    per_keyframe = 3 * 24 * latent_hw[0] * latent_hw[1] * channels * elt
+    per_keyframe = WITH_SOURCE.count * 24 * latent_hw[0] * latent_hw[1] * channels * elt
     return max(1, int(0.5 * free // per_keyframe))
 
 
@@ -83,7 +84,8 @@ class KeyframePass:
     """One step's keyframe pass: records each keyframe's attention outputs in `state.keyframes`.
 
     `run(positions)` runs the UNet (in ``keyframes`` mode) on the keyframes at those positions of the
-    step's keyframe list and returns its [3n, ...] output. Keyframe p belongs to window p.
+    step's keyframe list and returns its [branches * n, ...] output (branches in the state's keyframe
+    layout). Keyframe p belongs to window p.
     """
 
     def __init__(
@@ -102,7 +104,7 @@ class KeyframePass:
         self.contexts = contexts(k, window)
         self.group_size = group_size
         self.keep_noise = keep_noise
-        self.noise: dict[int, torch.Tensor] = {}  # position -> [3, ...] UNet output, when kept
+        self.noise: dict[int, torch.Tensor] = {}  # position -> [branches, ...] UNet output, when kept
         self.passes = 0
         self.unet_frames = 0  # keyframes put through the UNet (x3 branches), over all passes
         self.seconds = 0.0
@@ -130,7 +132,7 @@ class KeyframePass:
         self.state.keep(members, [positions.index(p) for p in members], copy=len(members) < len(positions))
         self.state.recorded.clear()
         if self.keep_noise:
-            per_branch = noise.view(3, len(positions), *noise.shape[1:])
+            per_branch = noise.view(self.state.keyframe_layout.count, len(positions), *noise.shape[1:])
             for p in members:
                 self.noise[p] = per_branch[:, positions.index(p)].clone()
         self.passes += 1
@@ -157,7 +159,7 @@ class KeyframePass:
             )
             for name in names
         }
-        per_branch = [o.view(3, -1, *o.shape[1:]) for o in outs]
+        per_branch = [o.view(state.keyframe_layout.count, -1, *o.shape[1:]) for o in outs]
         merged = torch.cat(per_branch, dim=1)
         return merged.reshape(-1, *merged.shape[2:])
 

@@ -161,3 +161,49 @@ def edit_key(
 ) -> str:
     identity = edit_identity(kind, inversion_digest, spec, model_fingerprint, n_frames, edit_steps)
     return artifact_key(kind, identity)
+
+
+FEATURES_KIND = "features"
+
+
+def features_steps(spec: EditSpec, edit_steps: int) -> tuple[list[int], list[int]]:
+    """(steps, conv-injection steps) the source features of an edit cover, as indices among all T steps.
+
+    An SDEdit start skips the first steps; conv injection runs on the first int(T * pnp_f_t) of all T
+    steps for PnP methods (tokenflow.editing), none otherwise.
+    """
+    skipped, _ = run_steps(spec, edit_steps)
+    steps = list(range(skipped, edit_steps))
+    conv = int(edit_steps * spec.pnp_f_t) if method(spec.method).pnp else 0
+    return steps, [s for s in steps if s < conv]
+
+
+def features_identity(
+    inversion_digest: str, spec: EditSpec, n_frames: int, edit_steps: int
+) -> dict[str, Any]:
+    """The identity of an edit's source features (TokenFlow methods only): exactly what determines them.
+
+    The inversion (model, clip, inversion prompt and steps), the keyframe schedule actually used (drawn
+    from the seed or explicit), the keyframe interval, the propagation weighting (it blends the source
+    branch's tokens too, so it changes the later layers' correspondences), the steps covered and the
+    conv-injection steps held. Nothing else: the target and negative prompts, guidance, PnP attention
+    steps and output encoding never reach the source branch, and execution fields only reorder floats.
+    """
+    if not method(spec.method).keyframes:
+        raise ValueError(f"method {spec.method!r} has no propagation pass: it has no source features")
+    from tokenflow.schedule import resolve_schedule
+
+    steps, conv_steps = features_steps(spec, edit_steps)
+    return {
+        "inversion": inversion_digest,
+        "keyframe_schedule": resolve_schedule(spec, n_frames, len(steps)),
+        "keyframe_interval": spec.keyframe_interval,
+        "propagation_weighting": spec.propagation_weighting,
+        "first_step": steps[0],
+        "steps": len(steps),
+        "conv_steps": len(conv_steps),
+    }
+
+
+def features_key(inversion_digest: str, spec: EditSpec, n_frames: int, edit_steps: int) -> str:
+    return artifact_key(FEATURES_KIND, features_identity(inversion_digest, spec, n_frames, edit_steps))

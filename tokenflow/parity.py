@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from tokenflow.editing import edit
 from tokenflow.encoding import decode_latents
 from tokenflow.errors import SpecError
+from tokenflow.features import recorder_for, replayer_for
 from tokenflow.inversion import encode_video, frames_from_array, invert
 from tokenflow.models import load_model
 from tokenflow.progress import NO_HOOKS, JobHooks
@@ -39,7 +41,12 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def run_parity(fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = NO_HOOKS) -> dict[str, Any]:
+def run_parity(
+    fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = NO_HOOKS, features: bool = False
+) -> dict[str, Any]:
+    """The parity report. With `features`, the edit is run twice: once recording the source features
+    (tokenflow.features), then replaying them (no source branch in propagation); the report is the
+    replayed edit's, with how far it is from the recording one."""
     fixture = Path(fixture_dir)
     if not (fixture / "reference.json").is_file():
         raise SpecError(f"{fixture} is not a parity fixture (no reference.json)")
@@ -76,7 +83,25 @@ def run_parity(fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = N
         keyframe_schedule=tuple(tuple(r) for r in schedule) if schedule else None,
     )
     has_trajectory = "trajectory" in tensors
-    result = edit(model, inversion, spec, hooks=hooks, keep_trajectory=has_trajectory)
+    extra: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenflow-parity-features-") as scratch:
+        if features:
+            rec = recorder_for(scratch, n, steps, spec)
+            recorded = edit(model, inversion, spec, hooks=hooks, source_hook=rec)
+            stored = rec.finish()
+            if stored is None:
+                raise SpecError(f"parity: the features were not recorded: {rec.refused}")
+            replayer = replayer_for(stored, n, steps, spec)
+            result = edit(
+                model, inversion, spec, hooks=hooks, keep_trajectory=has_trajectory, source_hook=replayer
+            )
+            extra = {
+                "features_bytes": stored.nbytes,
+                "features_vs_source_branch_rel_l2": rel_l2(result.latents, recorded.latents),
+            }
+        else:
+            result = edit(model, inversion, spec, hooks=hooks, keep_trajectory=has_trajectory)
+    extra["propagation_batches"] = result.propagation_batches
     edited = decode_latents(model, result.latents)
     elapsed = time.perf_counter() - started
 
@@ -89,6 +114,8 @@ def run_parity(fixture_dir: str | Path, device: str = "cpu", hooks: JobHooks = N
         "frames_psnr_db": psnr_uint8(edited, tensors["edited_frames"].numpy()),
         "keyframes_match": schedule is not None and draw_keyframes(n, interval, steps, spec.seed) == schedule,
         "seconds": round(elapsed, 2),
+        "features": features,
+        **extra,
     }
     if "inversion_latents" in tensors:
         inv_ts = [int(t) for t in tensors["inversion_timesteps"].tolist()]

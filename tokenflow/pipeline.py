@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from tokenflow.branches import SourceHook
 from tokenflow.editing import EditResult, edit
 from tokenflow.encoding import iter_decoded
 from tokenflow.inversion import Inversion, invert
@@ -74,9 +75,12 @@ def render_edit(
     output: str | Path,
     audio_source: str | Path | None = None,
     hooks: JobHooks = NO_HOOKS,
+    source_hook: SourceHook | None = None,
 ) -> EditOutput:
-    """Edit and write an H.264 mp4 at the source frame rate, carrying the source's audio over."""
-    result = edit(model, inversion, spec, hooks=hooks)
+    """Edit and write an H.264 mp4 at the source frame rate, carrying the source's audio over.
+
+    `source_hook`: records or replays the source features (tokenflow.features), see `editing.edit`."""
+    result = edit(model, inversion, spec, hooks=hooks, source_hook=source_hook)
     frames = write_video(
         output,
         iter_decoded(model, result.latents),

@@ -401,6 +401,13 @@ class EditSpec(_Spec):
         maximum=1 << 20,
         execution=True,
     )
+    features: bool = spec_field(
+        True,
+        help="TokenFlow methods: record the clip's prompt-independent source features, or use them when "
+        "recorded, so the propagation pass runs no source branch (same result within float tolerance)",
+        flags=("--no-features",),
+        execution=True,
+    )
 
     @property
     def method_info(self) -> Method:

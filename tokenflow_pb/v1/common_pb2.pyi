@@ -111,6 +111,10 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     """A keyframe preview of an edit (Keyframes.EditKeyframes)."""
     ARTIFACT_KIND_PROPAGATION: _ArtifactKind.ValueType  # 4
     """A fully edited video (Propagation.Propagate)."""
+    ARTIFACT_KIND_FEATURES: _ArtifactKind.ValueType  # 5
+    """The prompt-independent source features of an inversion and keyframe schedule (recorded by the first
+    TokenFlow edit, read by later ones so their propagation pass runs no source branch).
+    """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """Kind of a stored artifact."""
@@ -125,6 +129,10 @@ ARTIFACT_KIND_KEYFRAMES: ArtifactKind.ValueType  # 3
 """A keyframe preview of an edit (Keyframes.EditKeyframes)."""
 ARTIFACT_KIND_PROPAGATION: ArtifactKind.ValueType  # 4
 """A fully edited video (Propagation.Propagate)."""
+ARTIFACT_KIND_FEATURES: ArtifactKind.ValueType  # 5
+"""The prompt-independent source features of an inversion and keyframe schedule (recorded by the first
+TokenFlow edit, read by later ones so their propagation pass runs no source branch).
+"""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 class _Stage:
@@ -373,6 +381,7 @@ class EditSpec(_message.Message):
     CRF_FIELD_NUMBER: _builtins.int
     KEYFRAME_ATTENTION_FIELD_NUMBER: _builtins.int
     KEYFRAME_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Target prompt, e.g. "a marble sculpture of a woman running". Required unless method is RECONSTRUCT.
     At most 2000 characters.
@@ -410,6 +419,12 @@ class EditSpec(_message.Message):
     """Keyframes per UNet batch in the keyframe pass (0 = automatic: from free GPU memory, one batch on
     CPU). Changes only memory use, never the result. Unset = 0.
     """
+    features: _builtins.bool
+    """TokenFlow methods: record the clip's prompt-independent source features (nearest-neighbour indices
+    and PnP conv features, stored beside the inversion), or use them when recorded, so the propagation
+    pass runs no source branch. Changes only how the edit runs (same result within float tolerance),
+    never its key. Unset = true.
+    """
     @_builtins.property
     def keyframe_schedule(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyframeRow]:
         """Optional explicit keyframe schedule instead of seeded random draws: one row per denoising step, in
@@ -434,15 +449,18 @@ class EditSpec(_message.Message):
         crf: _builtins.int | None = ...,
         keyframe_attention: _builtins.str | None = ...,
         keyframe_group_size: _builtins.int = ...,
+        features: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_interval", b"keyframe_interval", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "sdedit_start", b"sdedit_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_features", b"_features", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "features", b"features", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_interval", b"keyframe_interval", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "sdedit_start", b"sdedit_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_group_size", b"keyframe_group_size", "keyframe_interval", b"keyframe_interval", "keyframe_schedule", b"keyframe_schedule", "method", b"method", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "prompt", b"prompt", "propagation_weighting", b"propagation_weighting", "sdedit_start", b"sdedit_start", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size", "_crf", b"_crf", "_features", b"_features", "_guidance_scale", b"_guidance_scale", "_keyframe_attention", b"_keyframe_attention", "_keyframe_interval", b"_keyframe_interval", "_negative_prompt", b"_negative_prompt", "_pnp_attn_t", b"_pnp_attn_t", "_pnp_f_t", b"_pnp_f_t", "_sdedit_start", b"_sdedit_start", "chunk_size", b"chunk_size", "crf", b"crf", "features", b"features", "guidance_scale", b"guidance_scale", "keyframe_attention", b"keyframe_attention", "keyframe_group_size", b"keyframe_group_size", "keyframe_interval", b"keyframe_interval", "keyframe_schedule", b"keyframe_schedule", "method", b"method", "negative_prompt", b"negative_prompt", "pnp_attn_t", b"pnp_attn_t", "pnp_f_t", b"pnp_f_t", "prompt", b"prompt", "propagation_weighting", b"propagation_weighting", "sdedit_start", b"sdedit_start", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__chunk_size: _TypeAlias = _typing.Literal["chunk_size"]  # noqa: Y015
     _WhichOneofArgType__chunk_size: _TypeAlias = _typing.Literal["_chunk_size", b"_chunk_size"]  # noqa: Y015
     _WhichOneofReturnType__crf: _TypeAlias = _typing.Literal["crf"]  # noqa: Y015
     _WhichOneofArgType__crf: _TypeAlias = _typing.Literal["_crf", b"_crf"]  # noqa: Y015
+    _WhichOneofReturnType__features: _TypeAlias = _typing.Literal["features"]  # noqa: Y015
+    _WhichOneofArgType__features: _TypeAlias = _typing.Literal["_features", b"_features"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__keyframe_attention: _TypeAlias = _typing.Literal["keyframe_attention"]  # noqa: Y015
@@ -461,6 +479,8 @@ class EditSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__chunk_size) -> _WhichOneofReturnType__chunk_size | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__crf) -> _WhichOneofReturnType__crf | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__features) -> _WhichOneofReturnType__features | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
@@ -533,6 +553,8 @@ class Progress(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     ELAPSED_FIELD_NUMBER: _builtins.int
     STEP_TIME_FIELD_NUMBER: _builtins.int
+    PROPAGATION_PATH_FIELD_NUMBER: _builtins.int
+    FEATURES_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id: equals the digest of the artifact the job produces."""
     stage: Global___Stage.ValueType
@@ -551,6 +573,12 @@ class Progress(_message.Message):
     """Human-readable note, e.g. "waiting for the model: another job is using it"."""
     queue_position: _builtins.int
     """While queued: number of jobs ahead of this one (0 = next). 0 once running."""
+    propagation_path: _builtins.str
+    """Propagation jobs: how the propagation pass gets the source branch's contributions:
+    "source_branch" (it runs), "features" (stored source features, no source branch); "" = not said.
+    """
+    features_bytes: _builtins.int
+    """Propagation jobs: size of the source features used or recorded (0 = none)."""
     @_builtins.property
     def eta(self) -> _duration_pb2.Duration:
         """Estimated time until the job finishes; unset when unknown."""
@@ -579,10 +607,12 @@ class Progress(_message.Message):
         queue_position: _builtins.int = ...,
         elapsed: _duration_pb2.Duration | None = ...,
         step_time: _duration_pb2.Duration | None = ...,
+        propagation_path: _builtins.str = ...,
+        features_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "eta", b"eta", "step_time", b"step_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "elapsed", b"elapsed", "eta", b"eta", "frames_done", b"frames_done", "frames_total", b"frames_total", "job_id", b"job_id", "message", b"message", "phase", b"phase", "queue_position", b"queue_position", "stage", b"stage", "step", b"step", "step_time", b"step_time", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "elapsed", b"elapsed", "eta", b"eta", "features_bytes", b"features_bytes", "frames_done", b"frames_done", "frames_total", b"frames_total", "job_id", b"job_id", "message", b"message", "phase", b"phase", "propagation_path", b"propagation_path", "queue_position", b"queue_position", "stage", b"stage", "step", b"step", "step_time", b"step_time", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,6 +723,8 @@ class PropagationInfo(_message.Message):
     FPS_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    PROPAGATION_PATH_FIELD_NUMBER: _builtins.int
+    FEATURES_BYTES_FIELD_NUMBER: _builtins.int
     video_file: _builtins.str
     """Name of the edited video inside the artifact (its primary file)."""
     video_sha256: _builtins.str
@@ -702,6 +734,10 @@ class PropagationInfo(_message.Message):
     fps: _builtins.float
     width: _builtins.int
     height: _builtins.int
+    propagation_path: _builtins.str
+    """How the edit's propagation pass got the source branch's contributions: "source_branch" or "features"."""
+    features_bytes: _builtins.int
+    """Size of the source features this edit used or recorded (0 = none)."""
     def __init__(
         self,
         *,
@@ -711,10 +747,12 @@ class PropagationInfo(_message.Message):
         fps: _builtins.float = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        propagation_path: _builtins.str = ...,
+        features_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frames", b"frames", "height", b"height", "video_file", b"video_file", "video_sha256", b"video_sha256", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features_bytes", b"features_bytes", "fps", b"fps", "frames", b"frames", "height", b"height", "propagation_path", b"propagation_path", "video_file", b"video_file", "video_sha256", b"video_sha256", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
