@@ -5,10 +5,11 @@ stream for minutes, an upload for as long as its client sends). Without a bound,
 uploads or callers attached to one job take every handler thread and the health checks time out,
 so the orchestrator restarts a pod that was doing its work. Two limits keep threads for health:
 
-* `ConcurrencyLimiter`: at most ``max_concurrent_rpcs`` RPCs of our own services (tokenflow.v1.*,
-  except ServerInfo) run at once; past it a call is refused at once with RESOURCE_EXHAUSTED
-  (``SERVER_BUSY``, a RetryInfo, and a QuotaViolation naming the limit). grpc.health.v1, reflection
-  and ServerInfo are never counted, so the threads left over always answer them.
+* `ConcurrencyLimiter`: at most ``max_concurrent_rpcs`` RPCs of our own services (tokenflow.v1.*
+  except ServerInfo, and google.longrunning.Operations) run at once; past it a call is refused at once
+  with RESOURCE_EXHAUSTED (``SERVER_BUSY``, a RetryInfo, and a QuotaFailure naming the limit).
+  grpc.health.v1, reflection and ServerInfo are never counted, so the threads left over always
+  answer them.
 * `IdleWatchdog`: an upload stream that sends nothing for ``upload_idle_seconds`` gets
   RESOURCE_EXHAUSTED (``UPLOAD_STALLED``) and its handler thread back. One thread watches every
   stream. The status is sent first, then the call is cancelled to wake the blocked handler; a Python
@@ -31,7 +32,8 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-DOMAIN_PREFIX = "tokenflow.v1."
+COUNTED_PREFIXES = ("tokenflow.v1.", "google.longrunning.")
+"""Our services, and the Operations service (WaitOperation blocks a handler thread for long)."""
 EXEMPT_SERVICES = frozenset({"tokenflow.v1.ServerInfo"})
 """Ours, but cheap and what an operator asks when the server is busy: never refused."""
 HEALTH_RESERVE = 8
@@ -108,7 +110,7 @@ class ConcurrencyLimiter(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         service = _service_of(handler_call_details.method)
-        if handler is None or not service.startswith(DOMAIN_PREFIX) or service in EXEMPT_SERVICES:
+        if handler is None or not service.startswith(COUNTED_PREFIXES) or service in EXEMPT_SERVICES:
             return handler
         kwargs: dict[str, Any] = {
             "request_deserializer": handler.request_deserializer,
