@@ -180,6 +180,8 @@ class ServerConfig:
     inversion_shard_frames: int = 0
     """Editor: with inversion_shards 1, shard automatically (one range per inversion replica) from this
     many frames on; 0 = never."""
+    features_budget: int = 8 * GiB
+    """Propagation: largest source-features artifact an edit records (bytes); 0 turns features off."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", parse_services(self.services))
@@ -228,6 +230,8 @@ class ServerConfig:
             raise ValueError("--inversion-shards must be >= 1 and --inversion-shard-frames >= 0")
         if self.max_upload_bytes <= 0:
             raise ValueError("--max-upload-bytes must be positive")
+        if self.features_budget < 0:
+            raise ValueError(f"--features-budget must be >= 0, got {self.features_budget}")
         for cert, key, flags in (
             (self.tls_cert, self.tls_key, "--tls-cert and --tls-key"),
             (self.internal_tls_cert, self.internal_tls_key, "--internal-tls-cert and --internal-tls-key"),
@@ -365,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
     p.add_argument(
         "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
+    )
+    p.add_argument(
+        "--features-budget",
+        default="8GiB",
+        help="largest source-features artifact an edit records (they let later prompts on the clip skip "
+        "the source branch of propagation); 0 turns features off (default 8GiB)",
     )
     p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
     p.add_argument(
@@ -550,4 +560,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lease_seconds=args.lease_seconds,
         inversion_shards=args.inversion_shards,
         inversion_shard_frames=args.inversion_shard_frames,
+        features_budget=parse_size(args.features_budget),
     )

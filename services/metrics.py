@@ -85,6 +85,12 @@ OUTCOMES: tuple[str, ...] = (
 )
 
 
+#: How a propagation batch had the source branch's contributions (tokenflow.editing.PATH_*).
+FEATURE_PATHS: tuple[str, ...] = ("source_branch", "features")
+#: What a TokenFlow edit did with source features.
+FEATURE_OUTCOMES: tuple[str, ...] = ("recorded", "replayed", "over_budget", "off")
+
+
 def outcome_of(code: Any) -> str:
     """Outcome label for a ``grpc.StatusCode`` (or None meaning OK): its lower-case name.
 
@@ -271,6 +277,27 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        # Source features (tokenflow/features.py, services/propagation.py).
+        self.propagation_batches_total = Counter(
+            "tokenflow_propagation_batches_total",
+            "Propagation-pass UNet batches, by how the source branch's contributions were had: "
+            "source_branch (it ran) or features (stored source features, no source branch).",
+            ["path"],
+            registry=r,
+        )
+        self.features_total = Counter(
+            "tokenflow_features_total",
+            "TokenFlow edits by what they did with source features: recorded, replayed, over_budget "
+            "(too large to record), off (the request or the server turned them off).",
+            ["outcome"],
+            registry=r,
+        )
+        self.features_bytes_total = Counter(
+            "tokenflow_features_bytes_total",
+            "Bytes of source features recorded (published) or replayed (the artifacts' sizes).",
+            ["action"],
+            registry=r,
+        )
         self.process_memory = ProcessCollector(registry=r)
         self.platform = PlatformCollector(registry=r)
 
@@ -305,6 +332,12 @@ class Metrics:
             self.frames_processed_total.labels(stage=stage)
             for outcome in OUTCOMES:
                 self.jobs_total.labels(stage=stage, outcome=outcome)
+        for path in FEATURE_PATHS:
+            self.propagation_batches_total.labels(path=path)
+        for outcome in FEATURE_OUTCOMES:
+            self.features_total.labels(outcome=outcome)
+        for action in ("recorded", "replayed"):
+            self.features_bytes_total.labels(action=action)
         for kind in kinds:
             for counter in (
                 self.cache_hits_total,

@@ -291,6 +291,7 @@ def build_server(
                     )
                     stage.access = access
                     stage.decode_limits = config.decode_limits
+                    stage.features_budget = config.features_budget  # used by propagation
                     add(server, stage)
                     stages[name] = stage
                     names.append(cls.service_name)

@@ -1,0 +1,129 @@
+"""Source features through the embedded server (real gRPC on loopback, a generated clip, parsed metrics).
+
+The first TokenFlow edit of a clip runs the source branch and records its features; the second prompt on
+the same clip and seed runs no source branch in its propagation pass (the Prometheus counter of
+propagation batches by path proves it); a request with features=false (`--no-features`) and a server
+with `--features-budget 0` run the source branch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_e2e_services import DECODE, INVERSION, metric, scrape
+
+from clients import TokenFlowClient, edit_spec
+from tokenflow_pb.v1 import common_pb2
+
+BATCHES = "tokenflow_propagation_batches_total"
+FEATURES = "tokenflow_features_total"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenflow.synthetic import make_clip
+
+    return make_clip(
+        tmp_path_factory.mktemp("clip") / "clip.mp4", frames=6, size=(64, 64), fps=8, audio=False
+    )
+
+
+def _server(tmp_path: Path, budget: int) -> Iterator[tuple[TokenFlowClient, int]]:
+    from services.config import ServerConfig
+    from services.server import build_server
+
+    config = ServerConfig(
+        services="all",
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        cache_dir=tmp_path / "cache",
+        cache_size_bytes=2 << 30,
+        model="tiny",
+        job_grace_seconds=5,
+        features_budget=budget,
+    )
+    server = build_server(config)
+    try:
+        assert server.metrics_port is not None
+        with TokenFlowClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            deadline = time.monotonic() + 60
+            while client.health() != "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            yield client, server.metrics_port
+    finally:
+        server.stop(grace=0)
+
+
+def _edit(client: TokenFlowClient, video: str, prompt: str, features: bool = True):  # noqa: ANN202
+    spec = edit_spec(prompt, seed=5, keyframe_interval=2, chunk_size=4)
+    if not features:
+        spec.features = False
+    events = []
+    (result,) = client.edit(
+        video, spec, decode=DECODE, inversion=INVERSION, on_event=events.append, timeout=300
+    )
+    paths = {e.progress.propagation_path for e in events if e.HasField("progress")} - {""}
+    return result, paths
+
+
+def _delta(after: dict, before: dict, name: str, **labels: str) -> float:
+    return metric(after, name, **labels) - metric(before, name, **labels)
+
+
+def test_the_second_prompt_runs_no_source_branch_in_propagation(tmp_path: Path, clip: Path) -> None:
+    for client, port in _server(tmp_path, budget=1 << 30):
+        video = client.upload(clip)
+        s0 = scrape(port)
+        first, paths = _edit(client, video, "a watercolor painting")
+        s1 = scrape(port)
+        batches = _delta(s1, s0, BATCHES, path="source_branch")
+        assert batches > 0 and _delta(s1, s0, BATCHES, path="features") == 0
+        assert _delta(s1, s0, FEATURES, outcome="recorded") == 1
+        recorded = _delta(s1, s0, "tokenflow_features_bytes_total", action="recorded")
+        assert recorded > 0
+        assert first.propagation.propagation_path == "source_branch"
+        assert first.propagation.features_bytes == recorded
+        assert paths == {"source_branch"}
+        # The features are an artifact of their own kind, beside the inversion in the store.
+        (stored,) = client.iter_artifacts(common_pb2.ARTIFACT_KIND_FEATURES)
+        assert stored.kind == common_pb2.ARTIFACT_KIND_FEATURES
+        assert sum(f.size for f in stored.files) >= recorded
+
+        second, paths = _edit(client, video, "a marble sculpture")
+        s2 = scrape(port)
+        assert _delta(s2, s1, BATCHES, path="source_branch") == 0, "the source branch ran in propagation"
+        assert _delta(s2, s1, BATCHES, path="features") == batches
+        assert _delta(s2, s1, FEATURES, outcome="replayed") == 1
+        assert _delta(s2, s1, "tokenflow_features_bytes_total", action="replayed") == recorded
+        assert second.propagation.propagation_path == "features" and paths == {"features"}
+        assert second.propagation.features_bytes == recorded
+        # Every result's metadata holds the keyframe schedule used (the edit is reproducible from it).
+        meta = json.loads(client.stat(second.digest).meta_json)
+        assert len(meta["keyframe_schedule"]) == 2 and len(meta["keyframe_schedule"][0]) == 3
+        assert meta["features"]["path"] == "features"
+
+        third, paths = _edit(client, video, "a bronze statue", features=False)
+        s3 = scrape(port)
+        assert _delta(s3, s2, BATCHES, path="source_branch") == batches
+        assert _delta(s3, s2, BATCHES, path="features") == 0
+        assert _delta(s3, s2, FEATURES, outcome="off") == 1
+        assert third.propagation.propagation_path == "source_branch" and paths == {"source_branch"}
+
+
+def test_a_zero_budget_turns_features_off(tmp_path: Path, clip: Path) -> None:
+    for client, port in _server(tmp_path, budget=0):
+        video = client.upload(clip)
+        s0 = scrape(port)
+        for prompt in ("a watercolor painting", "a marble sculpture"):
+            result, paths = _edit(client, video, prompt)
+            assert result.propagation.propagation_path == "source_branch" and paths == {"source_branch"}
+        s1 = scrape(port)
+        assert _delta(s1, s0, BATCHES, path="features") == 0
+        assert _delta(s1, s0, BATCHES, path="source_branch") > 0
+        assert _delta(s1, s0, FEATURES, outcome="off") == 2
+        assert not list(client.iter_artifacts(common_pb2.ARTIFACT_KIND_FEATURES))
