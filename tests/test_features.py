@@ -265,3 +265,25 @@ def test_the_features_key_changes_with_exactly_its_ingredients() -> None:
     )
     with pytest.raises(ValueError):
         features_key("a" * 64, BASE.replace(method="per-frame"), N, T)
+
+
+def test_the_library_cli_keeps_features_beside_a_saved_inversion(
+    small_inversion: Inversion, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenflow import cli
+
+    saved = small_inversion.save(tmp_path / "inv")
+    base = ["edit", "--from-inversion", str(saved), "--keyframe-interval", "4", "-q", "-y", "--device", "cpu"]
+    reports = []
+    for i, extra in enumerate([["-p", "a fox"], ["-p", "a statue"], ["-p", "a cat", "--no-features"]]):
+        assert cli.main([*base, "-o", str(tmp_path / f"{i}.mp4"), *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert [r["features"] for r in reports] == ["recorded", "features", "source_branch"]
+    assert [set(r["propagation_batches"]) for r in reports] == [
+        {PATH_SOURCE_BRANCH},
+        {PATH_FEATURES},
+        {PATH_SOURCE_BRANCH},
+    ]
+    folder = Path(reports[0]["features_dir"])
+    assert folder.parent == saved / "features" and (folder / META_FILE).is_file()
+    assert Inversion.load(saved).n_frames == small_inversion.n_frames  # the saved inversion still loads
