@@ -58,6 +58,7 @@ class Coordinator:
         stored: Callable[[str], Any],
         ttl: float = DEFAULT_TTL_SECONDS,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        metrics: Any = None,
     ) -> None:
         self.leases = leases
         self.holder = holder
@@ -65,6 +66,8 @@ class Coordinator:
         """The job's result if it is published (in either tier), else None."""
         self.ttl = ttl
         self.poll_seconds = poll_seconds
+        self.metrics = metrics
+        """For `tokenflow_lease_waits_total` and `tokenflow_lease_takeovers_total`, or None."""
 
     def run(self, ctx: JobContext, key: str, compute: Callable[[], T]) -> T:
         """The job's result: stored, computed here under the lease, or computed by the lease's holder."""
@@ -79,6 +82,8 @@ class Coordinator:
                 return found
             lease = self.leases.acquire(key, ctx.stage, self.holder, self.ttl, stale_gen=stale_gen)
             if lease is not None:
+                if stale_gen:  # a lease we waited on: its holder died or gave up
+                    self._count("lease_takeovers_total", ctx.stage)
                 return self._compute(ctx, lease, compute)
             stale_gen = self._wait(ctx, key, stored)
             if stale_gen is None:  # published while we waited
@@ -128,11 +133,17 @@ class Coordinator:
                 return record.gen
             if not counted:
                 counted = True
+                self._count("lease_waits_total", ctx.stage)
                 log.info("%s job %s runs on %s: waiting on its lease", ctx.stage, key[:12], record.holder)
             ctx.report(_relayed(record))
             if stored() is not None:
                 return None
             time.sleep(self.poll_seconds)
+
+    def _count(self, counter: str, stage: str) -> None:
+        metric = getattr(self.metrics, counter, None) if self.metrics is not None else None
+        if metric is not None:
+            metric.labels(stage=stage).inc()
 
 
 def _relayed(record: LeaseRecord) -> dict[str, Any]:

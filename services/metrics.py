@@ -277,6 +277,18 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        self.lease_waits_total = Counter(
+            "tokenflow_lease_waits_total",
+            "Jobs that waited on another replica's lease instead of computing (services/leasing.py).",
+            ["stage"],
+            registry=r,
+        )
+        self.lease_takeovers_total = Counter(
+            "tokenflow_lease_takeovers_total",
+            "Jobs taken over from another replica whose lease expired or that gave up without a result.",
+            ["stage"],
+            registry=r,
+        )
         # Source features (tokenflow/features.py, services/propagation.py).
         self.propagation_batches_total = Counter(
             "tokenflow_propagation_batches_total",
@@ -330,6 +342,8 @@ class Metrics:
             self.jobs_queued.labels(stage=stage)
             self.denoising_steps_total.labels(stage=stage)
             self.frames_processed_total.labels(stage=stage)
+            self.lease_waits_total.labels(stage=stage)
+            self.lease_takeovers_total.labels(stage=stage)
             for outcome in OUTCOMES:
                 self.jobs_total.labels(stage=stage, outcome=outcome)
         for path in FEATURE_PATHS:

@@ -326,6 +326,7 @@ def install(
     holder: str,
     lease_seconds: float,
     access: Access = OPEN,
+    metrics: Any = None,
 ) -> str:
     """Wire a server for the fleet: its stages' jobs run under leases in the shared tier (or in the local
     cache directory without one), and it answers google.longrunning.Operations. Returns the service name."""
@@ -339,7 +340,7 @@ def install(
         def stored(key: str, kind: str = stage.kind) -> Any:
             return already_stored(store, key, kind)
 
-        stage.jobs.coordinator = Coordinator(leases, holder, stored, ttl=lease_seconds)
+        stage.jobs.coordinator = Coordinator(leases, holder, stored, ttl=lease_seconds, metrics=metrics)
     servicer = OperationsServicer(store, leases, stages, holder, result_builder(stages))
     servicer.access = access
     add_to_server(server, servicer)

@@ -298,7 +298,7 @@ def build_server(
         from services import operations  # jobs under leases; any replica answers for any job
 
         holder = f"{os.uname().nodename} (port {port}, pid {os.getpid()})"
-        names.append(operations.install(server, store, stages, holder, config.lease_seconds, access))
+        names.append(operations.install(server, store, stages, holder, config.lease_seconds, access, metrics))
 
         running = RunningServer(
             config=config,

@@ -287,3 +287,36 @@ def test_the_library_cli_keeps_features_beside_a_saved_inversion(
     folder = Path(reports[0]["features_dir"])
     assert folder.parent == saved / "features" and (folder / META_FILE).is_file()
     assert Inversion.load(saved).n_frames == small_inversion.n_frames  # the saved inversion still loads
+
+
+def test_features_precomputed_from_the_source_branch_alone(
+    tiny_model: Model,
+    inversion9: Inversion,
+    tmp_path: Path,
+    recorded_tokenflow,  # noqa: ANN001
+) -> None:
+    """Ahead of any prompt: only the source branch runs, and its features serve an edit as well."""
+    from tokenflow.editing import record_source_features
+
+    spec = CASES["tokenflow"]
+    rec = recorder_for(tmp_path, 9, 4, spec)
+    record_source_features(tiny_model, inversion9, spec.replace(prompt="unused"), rec)
+    features = rec.finish()
+    assert features is not None
+    by_edit = recorded_tokenflow[3]
+    assert features.meta["layers"] == by_edit.meta["layers"] and features.steps == by_edit.steps
+    for step in features.steps:
+        with (
+            safe_open(features.paths[step_file(step)], framework="pt") as a,
+            safe_open(by_edit.paths[step_file(step)], framework="pt") as b,
+        ):
+            assert set(a.keys()) == set(b.keys())
+            for name in a.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                x, y = a.get_tensor(name), b.get_tensor(name)
+                if name == CONV:
+                    assert rel_l2(x, y) <= TOLERANCE, (step, name)
+                else:  # a batch of n rows instead of 3n may flip a near-tie, nothing more
+                    assert (x == y).float().mean() >= 0.999, (step, name)
+    other = spec.replace(prompt="a marble statue")
+    replayed = edit(tiny_model, inversion9, other, source_hook=replayer_for(features, 9, 4, other))
+    assert rel_l2(replayed.latents, edit(tiny_model, inversion9, other).latents) <= TOLERANCE

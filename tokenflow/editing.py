@@ -327,3 +327,67 @@ def edit_keyframes(
             state.clear()
             hooks.report("keyframes", i + 1, len(prep.timesteps), frames_done=len(kf), frames_total=len(kf))
     return list(kf), decode_latents(model, x)
+
+
+SOURCE_ONLY = BranchLayout((SOURCE,))
+"""Batches of `record_source_features`: the source branch alone."""
+
+
+@torch.no_grad()
+def record_source_features(
+    model: Model, inversion: Inversion, spec: EditSpec, recorder: SourceHook, hooks: JobHooks = NO_HOOKS
+) -> None:
+    """Run only the source branch of an edit with `spec` (keyframe and propagation passes), for `recorder`.
+
+    The source branch never depends on the edited latents, so this records the same features as the
+    first edit would, ahead of any prompt (for a tool that knows it will iterate), at a third of an
+    edit's UNet work: no uncond/cond branch and no denoising update. The prompt of `spec` is unused.
+    """
+    info = method(spec.method)
+    if not info.keyframes:
+        raise SpecError(f"method {spec.method!r} has no propagation pass: no source features to record")
+    prep = _prepare(model, inversion, spec)
+    window, group = _pass_options(model, inversion, spec)
+    n, total, all_steps = inversion.n_frames, len(prep.timesteps), len(inversion.edit_timesteps)
+    schedule = resolve_schedule(spec, n, total)
+    state = TokenFlowState(
+        keyframe_interval=spec.keyframe_interval,
+        weighting=spec.propagation_weighting,
+        layout=SOURCE_ONLY,
+        keyframe_layout=SOURCE_ONLY,
+    )
+    state.hooks.register_hook(recorder, SOURCE_HOOK)
+    hooks.start("edit")
+    with tokenflow_unet(model.unet, state):
+        for i, t in enumerate(prep.timesteps):
+            step_index = prep.step_offset + i
+            source = inversion.source_latents_at(step_index)
+            state.pnp_attn, state.pnp_conv = _pnp_flags(spec, step_index, all_steps)
+            state.hooks.begin_step(step_index)
+            kf = schedule[i]
+            kf_source = source[kf]
+
+            def run(
+                positions: list[int], kf: list[int] = kf, kf_source: torch.Tensor = kf_source, t: int = t
+            ) -> torch.Tensor:
+                state.mode, state.layout = "keyframes", SOURCE_ONLY
+                state.frame_indices = [kf[p] for p in positions]
+                rows = kf_source[positions]
+                return _unet_branches(model, prep, SOURCE_ONLY, lambda: rows, rows, t)
+
+            kpass = KeyframePass(state, run, len(kf), window, group)
+            if kpass.joint:
+                kpass.run_all()
+            for b in range(0, n, spec.chunk_size):
+                chunk = list(range(b, min(b + spec.chunk_size, n)))
+                lo, hi = propagation_windows(chunk, spec.keyframe_interval)
+                if not kpass.joint:
+                    state.forget_before(lo)
+                    kpass.ensure(lo, hi)
+                state.mode, state.layout, state.frame_indices = "propagate", SOURCE_ONLY, chunk
+                rows = source[chunk]
+                _unet_branches(model, prep, SOURCE_ONLY, lambda rows=rows: rows, rows, t)
+                hooks.report_within("edit", i, total, frames_done=b + len(chunk), frames_total=n)
+            state.hooks.end_step(step_index)
+            state.clear()
+            hooks.report("edit", i + 1, total, frames_done=n, frames_total=n)
