@@ -118,6 +118,8 @@ def test_one_invert_on_two_replicas_computes_once_and_either_answers_for_it(
         assert first.error is None and second.error is None, (first.error, second.error)
         assert first.result.digest == second.result.digest == job_id
         assert (inversions(a), inversions(b)) == (1, 0)  # computed once, on A
+        waits = b.metrics.registry.get_sample_value("tokenflow_lease_waits_total", {"stage": "inversion"})
+        assert waits == 1  # B waited on A's lease
         relayed = [e.progress.message for e in second.events if e.WhichOneof("event") == "progress"]
         assert any(f"computed by replica {metadata.holder}" in m for m in relayed), relayed
 
