@@ -683,6 +683,7 @@ def test_killing_the_lease_holder_lets_the_waiting_replica_take_over(
         waiter.join(900)
         assert waiting["result"].digest == job_id
         assert counter(b, "tokenflow_inversions_total") >= 1
+        assert counter(b, "tokenflow_lease_takeovers_total", stage="inversion") >= 1
         done = cb.get_operation(job_id)
         metadata = operation_metadata(done)
         assert done.done and metadata.attempt == 2 and f"port {b.port}" in metadata.holder
