@@ -28,6 +28,9 @@ waiting replica see at their next heartbeat or poll. `DeleteOperation` is not im
 from __future__ import annotations
 
 import base64
+import logging
+import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +48,8 @@ from services.store import ArtifactNotFound, ArtifactStore, Manifest, is_digest
 from services.store.lease import CANCELLED, FAILED, SUCCEEDED, LeaseRecord, LeaseTable
 from tokenflow.errors import SpecError
 from tokenflow_pb.v1 import common_pb2, operations_pb2
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = lro_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 PREFIX = "operations/"
@@ -341,7 +346,27 @@ def install(
             return already_stored(store, key, kind)
 
         stage.jobs.coordinator = Coordinator(leases, holder, stored, ttl=lease_seconds, metrics=metrics)
+    threading.Thread(target=_sweep_loop, args=(leases,), name="lease-sweep", daemon=True).start()
     servicer = OperationsServicer(store, leases, stages, holder, result_builder(stages))
     servicer.access = access
     add_to_server(server, servicer)
     return SERVICE_NAME
+
+
+SWEEP_SECONDS = 600.0
+"""How often a server removes leases that ended more than their retention (an hour) ago."""
+
+
+def _sweep_loop(leases: LeaseTable) -> None:
+    """Finished leases are kept for an hour (so any replica can say how a job ended), then swept: every
+    server sweeps every ~10 minutes, jittered so replicas do not sweep in step (concurrent sweeps are
+    harmless: deleting what is gone is a no-op)."""
+    while True:
+        time.sleep(SWEEP_SECONDS * random.uniform(0.5, 1.5))
+        try:
+            removed = leases.sweep()
+        except Exception as e:  # noqa: BLE001 - the next sweep retries
+            log.warning("lease sweep of %s failed: %s", leases.describe(), e)
+            continue
+        if removed:
+            log.info("swept %d finished leases from %s", removed, leases.describe())
