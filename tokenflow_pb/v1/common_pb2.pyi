@@ -633,6 +633,8 @@ class InversionInfo(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     EDIT_STEPS_FIELD_NUMBER: _builtins.int
     VIDEO_DIGEST_FIELD_NUMBER: _builtins.int
+    FEATURES_DIGEST_FIELD_NUMBER: _builtins.int
+    FEATURES_BYTES_FIELD_NUMBER: _builtins.int
     frames: _builtins.int
     """Number of frames used, their rate and size (pixels)."""
     fps: _builtins.float
@@ -649,6 +651,11 @@ class InversionInfo(_message.Message):
     edit_steps: _builtins.int
     video_digest: _builtins.str
     """Digest of the source video."""
+    features_digest: _builtins.str
+    """InvertRequest.features_for: digest of the FEATURES artifact precomputed (or found stored) for that
+    edit spec, and its size in bytes; "" and 0 when none was asked for or made (see Result.warnings).
+    """
+    features_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -661,10 +668,12 @@ class InversionInfo(_message.Message):
         steps: _builtins.int = ...,
         edit_steps: _builtins.int = ...,
         video_digest: _builtins.str = ...,
+        features_digest: _builtins.str = ...,
+        features_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reconstruction_psnr_db", b"_reconstruction_psnr_db", "reconstruction_psnr_db", b"reconstruction_psnr_db"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reconstruction_psnr_db", b"_reconstruction_psnr_db", "edit_steps", b"edit_steps", "fps", b"fps", "frames", b"frames", "height", b"height", "reconstruction_file", b"reconstruction_file", "reconstruction_psnr_db", b"reconstruction_psnr_db", "steps", b"steps", "video_digest", b"video_digest", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reconstruction_psnr_db", b"_reconstruction_psnr_db", "edit_steps", b"edit_steps", "features_bytes", b"features_bytes", "features_digest", b"features_digest", "fps", b"fps", "frames", b"frames", "height", b"height", "reconstruction_file", b"reconstruction_file", "reconstruction_psnr_db", b"reconstruction_psnr_db", "steps", b"steps", "video_digest", b"video_digest", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reconstruction_psnr_db: _TypeAlias = _typing.Literal["reconstruction_psnr_db"]  # noqa: Y015
     _WhichOneofArgType__reconstruction_psnr_db: _TypeAlias = _typing.Literal["_reconstruction_psnr_db", b"_reconstruction_psnr_db"]  # noqa: Y015

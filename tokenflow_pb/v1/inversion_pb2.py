@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from tokenflow_pb.v1 import common_pb2 as tokenflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenflow/v1/inversion.proto\x12\x0ctokenflow.v1\x1a\x19tokenflow/v1/common.proto\"\xab\x01\n\rInvertRequest\x12\x14\n\x0cvideo_digest\x18\x01 \x01(\t\x12(\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x18.tokenflow.v1.DecodeSpec\x12.\n\tinversion\x18\x03 \x01(\x0b\x32\x1b.tokenflow.v1.InversionSpec\x12\x15\n\rshard_digests\x18\x04 \x03(\t\x12\x13\n\x0bstored_only\x18\x05 \x01(\x08\"m\n\x0eInvertResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.tokenflow.v1.ProgressH\x00\x12&\n\x06result\x18\x02 \x01(\x0b\x32\x14.tokenflow.v1.ResultH\x00\x42\x07\n\x05\x65vent\"(\n\x16InversionCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x17InversionCancelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xa9\x01\n\tInversion\x12\x45\n\x06Invert\x12\x1b.tokenflow.v1.InvertRequest\x1a\x1c.tokenflow.v1.InvertResponse0\x01\x12U\n\x06\x43\x61ncel\x12$.tokenflow.v1.InversionCancelRequest\x1a%.tokenflow.v1.InversionCancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenflow/v1/inversion.proto\x12\x0ctokenflow.v1\x1a\x19tokenflow/v1/common.proto\"\xd9\x01\n\rInvertRequest\x12\x14\n\x0cvideo_digest\x18\x01 \x01(\t\x12(\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x18.tokenflow.v1.DecodeSpec\x12.\n\tinversion\x18\x03 \x01(\x0b\x32\x1b.tokenflow.v1.InversionSpec\x12\x15\n\rshard_digests\x18\x04 \x03(\t\x12\x13\n\x0bstored_only\x18\x05 \x01(\x08\x12,\n\x0c\x66\x65\x61tures_for\x18\x06 \x01(\x0b\x32\x16.tokenflow.v1.EditSpec\"m\n\x0eInvertResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.tokenflow.v1.ProgressH\x00\x12&\n\x06result\x18\x02 \x01(\x0b\x32\x14.tokenflow.v1.ResultH\x00\x42\x07\n\x05\x65vent\"(\n\x16InversionCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x17InversionCancelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xa9\x01\n\tInversion\x12\x45\n\x06Invert\x12\x1b.tokenflow.v1.InvertRequest\x1a\x1c.tokenflow.v1.InvertResponse0\x01\x12U\n\x06\x43\x61ncel\x12$.tokenflow.v1.InversionCancelRequest\x1a%.tokenflow.v1.InversionCancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenflow_pb.v1.inversion_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INVERTREQUEST']._serialized_start=74
-  _globals['_INVERTREQUEST']._serialized_end=245
-  _globals['_INVERTRESPONSE']._serialized_start=247
-  _globals['_INVERTRESPONSE']._serialized_end=356
-  _globals['_INVERSIONCANCELREQUEST']._serialized_start=358
-  _globals['_INVERSIONCANCELREQUEST']._serialized_end=398
-  _globals['_INVERSIONCANCELRESPONSE']._serialized_start=400
-  _globals['_INVERSIONCANCELRESPONSE']._serialized_end=461
-  _globals['_INVERSION']._serialized_start=464
-  _globals['_INVERSION']._serialized_end=633
+  _globals['_INVERTREQUEST']._serialized_end=291
+  _globals['_INVERTRESPONSE']._serialized_start=293
+  _globals['_INVERTRESPONSE']._serialized_end=402
+  _globals['_INVERSIONCANCELREQUEST']._serialized_start=404
+  _globals['_INVERSIONCANCELREQUEST']._serialized_end=444
+  _globals['_INVERSIONCANCELRESPONSE']._serialized_start=446
+  _globals['_INVERSIONCANCELRESPONSE']._serialized_end=507
+  _globals['_INVERSION']._serialized_start=510
+  _globals['_INVERSION']._serialized_end=679
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ class InvertRequest(_message.Message):
     INVERSION_FIELD_NUMBER: _builtins.int
     SHARD_DIGESTS_FIELD_NUMBER: _builtins.int
     STORED_ONLY_FIELD_NUMBER: _builtins.int
+    FEATURES_FOR_FIELD_NUMBER: _builtins.int
     video_digest: _builtins.str
     """Digest of an uploaded video (Artifacts.Upload)."""
     stored_only: _builtins.bool
@@ -52,6 +53,20 @@ class InvertRequest(_message.Message):
         content address as an unsharded run, so later edits find it however it was made.
         """
 
+    @_builtins.property
+    def features_for(self) -> _common_pb2.EditSpec:
+        """Precompute source features (TokenFlow methods): the edit spec whose prompt-independent source
+        features to record once the inversion exists (computed or stored), for a creative tool that knows it
+        will iterate. What determines them is taken from it: method, seed or keyframe_schedule,
+        keyframe_interval, propagation_weighting, sdedit_start and pnp_f_t (the prompt, guidance and output
+        fields are ignored; the prompt may be empty). The stage runs only the source branch of such an edit
+        (a third of its UNet work) and publishes a FEATURES artifact within the server's --features-budget;
+        every later Propagate/Edit with the same settings, any prompt, replays it. Already stored = nothing
+        to do. Ignored (with a warning in the Result) for methods without keyframes, on a server with
+        --features-budget 0, or when the features exceed the budget. Not allowed with stored_only.
+        Result.inversion.features_digest and features_bytes say what was precomputed.
+        """
+
     def __init__(
         self,
         *,
@@ -60,10 +75,11 @@ class InvertRequest(_message.Message):
         inversion: _common_pb2.InversionSpec | None = ...,
         shard_digests: _abc.Iterable[_builtins.str] | None = ...,
         stored_only: _builtins.bool = ...,
+        features_for: _common_pb2.EditSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "inversion", b"inversion"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "features_for", b"features_for", "inversion", b"inversion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "inversion", b"inversion", "shard_digests", b"shard_digests", "stored_only", b"stored_only", "video_digest", b"video_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "features_for", b"features_for", "inversion", b"inversion", "shard_digests", b"shard_digests", "stored_only", b"stored_only", "video_digest", b"video_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
