@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, HEALTH_RESERVE
+from services.request_limits import HARD_LIMITS, RequestLimits, flag
 from tokenflow.limits import MAX_DECODED_FRAMES, MAX_PIXELS_PER_FRAME, DecodeLimits
 
 STAGES: tuple[str, ...] = ("inversion", "keyframes", "propagation")
@@ -159,6 +160,12 @@ class ServerConfig:
     max_decoded_frames: int = MAX_DECODED_FRAMES
     max_pixels_per_frame: int = MAX_PIXELS_PER_FRAME
     """Decode limits of an uploaded video, checked on every decoded frame and before queuing (probe)."""
+    max_prompt_chars: int = HARD_LIMITS["max_prompt_chars"]
+    max_steps: int = HARD_LIMITS["max_steps"]
+    max_edits_per_request: int = HARD_LIMITS["max_edits_per_request"]
+    max_schedule_entries: int = HARD_LIMITS["max_schedule_entries"]
+    """Request limits (services/request_limits.py): the library's hard limits, which a server may only
+    tighten; checked when a request arrives (RESOURCE_EXHAUSTED, INPUT_TOO_LARGE)."""
     shutdown_grace_seconds: float | None = None
     """On SIGTERM, how long running jobs may finish before they are cancelled; None = job_grace_seconds."""
     preload_model: bool = True
@@ -254,6 +261,7 @@ class ServerConfig:
             raise ValueError(f"--upload-idle-seconds must be > 0, got {self.upload_idle_seconds}")
         if self.max_decoded_frames < 1 or self.max_pixels_per_frame < 1:
             raise ValueError("--max-decoded-frames and --max-pixels-per-frame must be >= 1")
+        self.request_limits  # noqa: B018 - RequestLimits refuses a value above the library's limit
         if not self.model:
             raise ValueError("--model needs a preset name (tiny, sd15-arch, sd21-arch) or a diffusers folder")
         if "editor" in self.services:
@@ -290,6 +298,10 @@ class ServerConfig:
         )
 
     @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(**{name: getattr(self, name) for name in HARD_LIMITS})
+
+    @property
     def shutdown_grace(self) -> float:
         return self.job_grace_seconds if self.shutdown_grace_seconds is None else self.shutdown_grace_seconds
 
@@ -307,6 +319,15 @@ ENV_PREFIX = "TOKENFLOW_"
 def env_name(option: str) -> str:
     """The environment variable of a flag: ``--cache-size`` -> ``TOKENFLOW_CACHE_SIZE``."""
     return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+
+
+_REQUEST_LIMIT_HELP: dict[str, str] = {
+    "max_prompt_chars": "longest prompt, in characters",
+    "max_steps": "most inversion steps and editing steps of a request",
+    "max_edits_per_request": "most edits (prompts) per Edit request",
+    "max_schedule_entries": "most entries of a keyframe schedule",
+}
+"""Help of the request-limit flags, one per HARD_LIMITS name (services/request_limits.py)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_PIXELS_PER_FRAME,
         help=f"largest decoded picture, width x height, of every frame (default {MAX_PIXELS_PER_FRAME})",
     )
+    for name, hard in HARD_LIMITS.items():  # a server may only tighten the library's limits
+        what = _REQUEST_LIMIT_HELP[name]
+        p.add_argument(flag(name), type=int, default=hard, help=f"{what} (at most, and default, {hard})")
     p.add_argument(
         "--max-connection-age-seconds",
         type=float,
@@ -552,6 +576,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         upload_idle_seconds=args.upload_idle_seconds,
         max_decoded_frames=args.max_decoded_frames,
         max_pixels_per_frame=args.max_pixels_per_frame,
+        **{name: getattr(args, name) for name in HARD_LIMITS},
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         max_connection_age_seconds=args.max_connection_age_seconds or None,
         max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,

@@ -68,10 +68,12 @@ from services.convert import (
 )
 from services.errors import DeadlineExceeded, RelayedStatus, StageUnavailable, code_of, outcome_for, relayed
 from services.metrics import Metrics
+from services.request_limits import DEFAULT_REQUEST_LIMITS, MAX_EDITS, RequestLimits
 from services.store import ArtifactStore, is_digest
 from tokenflow.errors import Cancelled, SpecError
 from tokenflow.keys import canonical_json
 from tokenflow.shards import shard_ranges
+from tokenflow.specs import EditSpec
 from tokenflow_pb.v1 import (
     common_pb2,
     editor_pb2,
@@ -87,8 +89,6 @@ from tokenflow_pb.v1 import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = editor_pb2.DESCRIPTOR.services_by_name["Editor"].full_name
-MAX_EDITS = 64
-"""Edits per request: enough for a prompt sweep; beyond it a caller should split the request."""
 
 _NO_DEADLINE = 10 * 365 * 24 * 3600.0
 
@@ -110,7 +110,11 @@ def canonical_edit(edit: common_pb2.EditSpec) -> bytes:
     canonical encoding their content addresses hash, so the Editor's dedupe can never disagree with the
     cache. Raises SpecError for an invalid edit.
     """
-    return canonical_json(edit_spec_from_proto(edit).to_dict())
+    return _edit_key(edit_spec_from_proto(edit))
+
+
+def _edit_key(spec: EditSpec) -> bytes:
+    return canonical_json(spec.to_dict())
 
 
 class _DownstreamCall:
@@ -148,6 +152,9 @@ class _DownstreamCall:
 
 class EditorServicer(editor_pb2_grpc.EditorServicer):
     """Orchestrates Inversion, then Keyframes or Propagation per edit, through gRPC stubs."""
+
+    request_limits: RequestLimits = DEFAULT_REQUEST_LIMITS
+    """This server's request limits, checked on the whole request before the inversion runs."""
 
     def __init__(
         self,
@@ -255,7 +262,7 @@ class EditorServicer(editor_pb2_grpc.EditorServicer):
         downstream: _DownstreamCall,
         principal: Principal | None = None,
     ) -> Iterator[editor_pb2.EditResponse]:
-        edit_keys = _validate(request)
+        edit_keys = _validate(request, self.request_limits)
         metadata = call_metadata(principal)
 
         invert = inversion_pb2.InvertRequest(video_digest=request.video_digest)
@@ -620,7 +627,7 @@ def _time_remaining(context: grpc.ServicerContext) -> float | None:
     return max(0.0, float(remaining) - margin)
 
 
-def _validate(request: editor_pb2.EditRequest) -> list[bytes]:
+def _validate(request: editor_pb2.EditRequest, limits: RequestLimits = DEFAULT_REQUEST_LIMITS) -> list[bytes]:
     """Reject what the stages would reject, before the (long) inversion runs; returns each edit's key.
 
     A bad prompt in the third edit should fail in milliseconds, not after minutes of inverting.
@@ -638,16 +645,19 @@ def _validate(request: editor_pb2.EditRequest) -> list[bytes]:
         raise SpecError(
             f"{len(request.edits)} edits in one request; the limit is {MAX_EDITS}: split the request"
         )
+    limits.check_edit_count(len(request.edits))
     decode_spec_from_proto(request.decode)
-    inversion_spec_from_proto(request.inversion)
+    limits.check_inversion(inversion_spec_from_proto(request.inversion))
     keys = []
     for index, edit in enumerate(request.edits):
+        path = f"edits[{index}]"
         try:
-            keys.append(canonical_edit(edit))
+            spec = edit_spec_from_proto(edit)
         except SpecError as e:
-            path = f"edits[{index}]"
             field = e.field.replace("edit.", path + ".", 1) if e.field else path
             raise SpecError(f"{path}: {e}", field=field) from None
+        limits.check_edit(spec, path)
+        keys.append(_edit_key(spec))
     return keys
 
 

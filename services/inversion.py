@@ -248,6 +248,7 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
             decode_spec_from_proto(request.decode),
             inversion_spec_from_proto(request.inversion),
         )
+        self.request_limits.check_inversion(recipe.spec)
         key = recipe.key(self.model_host.fingerprint)
         check_timesteps(self.model_host.get(), recipe.spec)
         if request.shard_digests:

@@ -19,6 +19,7 @@ from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
 from services.progress import JobProgress
+from services.request_limits import RequestLimits
 from services.servicer import JobOutput, Plan
 from services.store import ArtifactStore
 from tokenflow import keys
@@ -38,6 +39,7 @@ class EditStage(Protocol):
     kind: str
     store: ArtifactStore
     model_host: ModelHost
+    request_limits: RequestLimits
 
 
 def check_edit_against_inversion(
@@ -98,6 +100,7 @@ def plan_edit(
     """The plan of an edit stage (keyframes or propagation) on a stored inversion."""
     check_digest(inversion_digest, "inversion_digest", _INVERSION_HINT)
     spec = edit_spec_from_proto(edit)
+    stage.request_limits.check_edit(spec)
     fingerprint = stage.model_host.fingerprint
     meta = inversion_meta(stage.store, inversion_digest)
     check_edit_against_inversion(spec, meta, fingerprint, inversion_digest, preview)

@@ -291,6 +291,7 @@ def build_server(
                     )
                     stage.access = access
                     stage.decode_limits = config.decode_limits
+                    stage.request_limits = config.request_limits
                     stage.features_budget = config.features_budget  # used by propagation
                     add(server, stage)
                     stages[name] = stage
@@ -339,6 +340,7 @@ def build_server(
                 token=internal_token,
                 access=access,
             )
+            running.editor.request_limits = config.request_limits
             editor_module.add_to_server(server, running.editor)
             names.append(EDITOR_SERVICE_NAME)
 
@@ -354,7 +356,7 @@ def build_server(
                 model_host if stages else None,
                 store,
                 editor=running.editor,
-                max_edits=getattr(_import_editor(), "MAX_EDITS", 0) if running.editor is not None else 0,
+                max_edits=config.max_edits_per_request if running.editor is not None else 0,
             ),
         )
         names.append(server_info.SERVICE_NAME)

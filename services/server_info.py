@@ -217,8 +217,18 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServicer):
 
     def _limits(self) -> server_info_pb2.Limits:
         c = self._config
-        limits = server_info_pb2.Limits(max_queue=c.max_queue, max_upload_bytes=c.max_upload_bytes)
+        limits = server_info_pb2.Limits(
+            max_queue=c.max_queue,
+            max_upload_bytes=c.max_upload_bytes,
+            max_concurrent_rpcs=c.rpc_limit,
+            max_decoded_frames=c.max_decoded_frames,
+            max_pixels_per_frame=c.max_pixels_per_frame,
+            max_prompt_chars=c.max_prompt_chars,
+            max_steps=c.max_steps,
+            max_schedule_entries=c.max_schedule_entries,
+        )
         limits.job_grace.FromNanoseconds(int(c.job_grace_seconds * 1e9))
+        limits.upload_idle.FromNanoseconds(int(c.upload_idle_seconds * 1e9))
         if c.max_connection_age_seconds:
             limits.max_connection_age.FromNanoseconds(int(c.max_connection_age_seconds * 1e9))
         if self.editor is not None:

@@ -32,6 +32,7 @@ from services.errors import outcome_for
 from services.jobs import JobContext, JobManager, ResultEvent, ShuttingDown
 from services.metrics import Metrics
 from services.model_host import ModelHost
+from services.request_limits import DEFAULT_REQUEST_LIMITS, RequestLimits
 from services.store import ArtifactStore, Manifest
 from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
 from tokenflow_pb.v1 import common_pb2
@@ -83,6 +84,8 @@ class StageServicer:
     """What decoding an upload may cost; the server sets its configured limits."""
     access: Access = OPEN
     """Access control; the server sets its own (services/access.py)."""
+    request_limits: RequestLimits = DEFAULT_REQUEST_LIMITS
+    """Prompt length, steps and schedule size a request may ask for; the server sets its configured ones."""
 
     def __init__(
         self,

@@ -26,15 +26,22 @@ class VideoError(TokenFlowError, ValueError):
 class TooLargeError(TokenFlowError):
     """The input exceeds a configured size limit (RESOURCE_EXHAUSTED, not retryable).
 
-    `limit_name` and `limit` say which limit and its value, for machine-readable error details.
+    `limit_name` and `limit` say which limit and its value, for machine-readable error details;
+    `field`, when a request field is over the limit, names it (e.g. "edit.prompt").
     """
 
     def __init__(
-        self, message: str, *, limit_name: str | None = None, limit: int | float | None = None
+        self,
+        message: str,
+        *,
+        limit_name: str | None = None,
+        limit: int | float | None = None,
+        field: str | None = None,
     ) -> None:
         super().__init__(message)
         self.limit_name = limit_name
         self.limit = limit
+        self.field = field
 
 
 class ModelError(TokenFlowError):

@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenflow/v1/server_info.proto\x12\x0ctokenflow.v1\x1a\x1egoogle/protobuf/duration.proto\"\x16\n\x14GetServerInfoRequest\"\x8e\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x08services\x18\x02 \x03(\x0b\x32\x1b.tokenflow.v1.ServiceStatus\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x04 \x01(\t\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.tokenflow.v1.ModelInfo\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.tokenflow.v1.Limits\x12,\n\x0bstore_tiers\x18\x07 \x03(\x0b\x32\x17.tokenflow.v1.StoreTier\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\">\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x99\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\ntest_model\x18\x05 \x01(\x08\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.tokenflow.v1.ModelState\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\xd3\x01\n\x06Limits\x12\x11\n\tmax_queue\x18\x01 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15max_edits_per_request\x18\x03 \x01(\r\x12\x18\n\x10\x65\x64it_parallelism\x18\x04 \x01(\r\x12,\n\tjob_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12max_connection_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\tStoreTier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x18\n\x10size_limit_bytes\x18\x03 \x01(\x04*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x66\n\nServerInfo\x12X\n\rGetServerInfo\x12\".tokenflow.v1.GetServerInfoRequest\x1a#.tokenflow.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etokenflow/v1/server_info.proto\x12\x0ctokenflow.v1\x1a\x1egoogle/protobuf/duration.proto\"\x16\n\x14GetServerInfoRequest\"\x8e\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x08services\x18\x02 \x03(\x0b\x32\x1b.tokenflow.v1.ServiceStatus\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x18\n\x10not_ready_reason\x18\x04 \x01(\t\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.tokenflow.v1.ModelInfo\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.tokenflow.v1.Limits\x12,\n\x0bstore_tiers\x18\x07 \x03(\x0b\x32\x17.tokenflow.v1.StoreTier\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\">\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x99\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\ntest_model\x18\x05 \x01(\x08\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.tokenflow.v1.ModelState\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\xa5\x03\n\x06Limits\x12\x11\n\tmax_queue\x18\x01 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15max_edits_per_request\x18\x03 \x01(\r\x12\x18\n\x10\x65\x64it_parallelism\x18\x04 \x01(\r\x12,\n\tjob_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12max_connection_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13max_concurrent_rpcs\x18\x07 \x01(\r\x12.\n\x0bupload_idle\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12max_decoded_frames\x18\t \x01(\r\x12\x1c\n\x14max_pixels_per_frame\x18\n \x01(\x04\x12\x18\n\x10max_prompt_chars\x18\x0b \x01(\r\x12\x11\n\tmax_steps\x18\x0c \x01(\r\x12\x1c\n\x14max_schedule_entries\x18\r \x01(\r\"E\n\tStoreTier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x18\n\x10size_limit_bytes\x18\x03 \x01(\x04*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x32\x66\n\nServerInfo\x12X\n\rGetServerInfo\x12\".tokenflow.v1.GetServerInfoRequest\x1a#.tokenflow.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenflow_pb.v1.server_info_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=883
-  _globals['_MODELSTATE']._serialized_end=1024
+  _globals['_MODELSTATE']._serialized_start=1093
+  _globals['_MODELSTATE']._serialized_end=1234
   _globals['_GETSERVERINFOREQUEST']._serialized_start=80
   _globals['_GETSERVERINFOREQUEST']._serialized_end=102
   _globals['_GETSERVERINFORESPONSE']._serialized_start=105
@@ -44,9 +44,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=442
   _globals['_MODELINFO']._serialized_end=595
   _globals['_LIMITS']._serialized_start=598
-  _globals['_LIMITS']._serialized_end=809
-  _globals['_STORETIER']._serialized_start=811
-  _globals['_STORETIER']._serialized_end=880
-  _globals['_SERVERINFO']._serialized_start=1026
-  _globals['_SERVERINFO']._serialized_end=1128
+  _globals['_LIMITS']._serialized_end=1019
+  _globals['_STORETIER']._serialized_start=1021
+  _globals['_STORETIER']._serialized_end=1090
+  _globals['_SERVERINFO']._serialized_start=1236
+  _globals['_SERVERINFO']._serialized_end=1338
 # @@protoc_insertion_point(module_scope)

@@ -215,7 +215,12 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
-    """Limits of this server."""
+    """Limits of this server. An error for a limit names it and its value in its ErrorInfo metadata
+    (limit_name, limit) and a QuotaFailure. The request limits (max_prompt_chars, max_steps,
+    max_edits_per_request, max_schedule_entries) are at most the library's own: a value beyond the
+    library's limit is INVALID_ARGUMENT anywhere, one beyond only this server's is RESOURCE_EXHAUSTED
+    (INPUT_TOO_LARGE), and another server may accept it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -225,6 +230,13 @@ class Limits(_message.Message):
     EDIT_PARALLELISM_FIELD_NUMBER: _builtins.int
     JOB_GRACE_FIELD_NUMBER: _builtins.int
     MAX_CONNECTION_AGE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
+    UPLOAD_IDLE_FIELD_NUMBER: _builtins.int
+    MAX_DECODED_FRAMES_FIELD_NUMBER: _builtins.int
+    MAX_PIXELS_PER_FRAME_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_SCHEDULE_ENTRIES_FIELD_NUMBER: _builtins.int
     max_queue: _builtins.int
     """Jobs that may wait per stage beyond the running one; more get RESOURCE_EXHAUSTED (QUEUE_FULL)."""
     max_upload_bytes: _builtins.int
@@ -233,6 +245,20 @@ class Limits(_message.Message):
     """Most edits one Editor request may carry (0 on a server without the Editor)."""
     edit_parallelism: _builtins.int
     """Editor: distinct edits of one request that run at the same time (0 on a server without the Editor)."""
+    max_concurrent_rpcs: _builtins.int
+    """Calls of our services in flight at once; more get RESOURCE_EXHAUSTED (SERVER_BUSY). Health,
+    reflection and ServerInfo are never counted.
+    """
+    max_decoded_frames: _builtins.int
+    """Most frames decoded from one uploaded video, skipped ones included (INPUT_TOO_LARGE)."""
+    max_pixels_per_frame: _builtins.int
+    """Largest decoded picture, width x height, of every frame (INPUT_TOO_LARGE)."""
+    max_prompt_chars: _builtins.int
+    """Longest prompt (inversion, edit and negative prompts) in characters (INPUT_TOO_LARGE)."""
+    max_steps: _builtins.int
+    """Most inversion steps and editing steps a request may ask for (INPUT_TOO_LARGE)."""
+    max_schedule_entries: _builtins.int
+    """Most entries (frame indices over all steps) of an explicit keyframe schedule (INPUT_TOO_LARGE)."""
     @_builtins.property
     def job_grace(self) -> _duration_pb2.Duration:
         """How long a job with no caller attached keeps running (a caller may re-attach meanwhile)."""
@@ -240,6 +266,10 @@ class Limits(_message.Message):
     @_builtins.property
     def max_connection_age(self) -> _duration_pb2.Duration:
         """After this the server sends GOAWAY so clients reconnect (unset = never)."""
+
+    @_builtins.property
+    def upload_idle(self) -> _duration_pb2.Duration:
+        """An upload stream that sends nothing for this long is closed (RESOURCE_EXHAUSTED, UPLOAD_STALLED)."""
 
     def __init__(
         self,
@@ -250,10 +280,17 @@ class Limits(_message.Message):
         edit_parallelism: _builtins.int = ...,
         job_grace: _duration_pb2.Duration | None = ...,
         max_connection_age: _duration_pb2.Duration | None = ...,
+        max_concurrent_rpcs: _builtins.int = ...,
+        upload_idle: _duration_pb2.Duration | None = ...,
+        max_decoded_frames: _builtins.int = ...,
+        max_pixels_per_frame: _builtins.int = ...,
+        max_prompt_chars: _builtins.int = ...,
+        max_steps: _builtins.int = ...,
+        max_schedule_entries: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job_grace", b"job_grace", "max_connection_age", b"max_connection_age"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job_grace", b"job_grace", "max_connection_age", b"max_connection_age", "upload_idle", b"upload_idle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit_parallelism", b"edit_parallelism", "job_grace", b"job_grace", "max_connection_age", b"max_connection_age", "max_edits_per_request", b"max_edits_per_request", "max_queue", b"max_queue", "max_upload_bytes", b"max_upload_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit_parallelism", b"edit_parallelism", "job_grace", b"job_grace", "max_concurrent_rpcs", b"max_concurrent_rpcs", "max_connection_age", b"max_connection_age", "max_decoded_frames", b"max_decoded_frames", "max_edits_per_request", b"max_edits_per_request", "max_pixels_per_frame", b"max_pixels_per_frame", "max_prompt_chars", b"max_prompt_chars", "max_queue", b"max_queue", "max_schedule_entries", b"max_schedule_entries", "max_steps", b"max_steps", "max_upload_bytes", b"max_upload_bytes", "upload_idle", b"upload_idle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
