@@ -76,9 +76,10 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-reconstruct", action="store_true", help="skip the reconstruction PSNR check")
 
 
-def _add_edit_args(p: argparse.ArgumentParser, many: bool) -> None:
+def _add_edit_args(p: argparse.ArgumentParser, many: bool, prompt_required: bool = True) -> None:
     g = p.add_argument_group("edit")
-    add_spec_flags(g, EDIT_FLAGS, repeat=("prompt",) if many else (), required=("prompt",))
+    required = ("prompt",) if prompt_required else ()
+    add_spec_flags(g, EDIT_FLAGS, repeat=("prompt",) if many else (), required=required)
 
 
 def _decode(a: argparse.Namespace) -> common_pb2.DecodeSpec:
@@ -289,10 +290,19 @@ def cmd_invert(client: TokenFlowClient, a: argparse.Namespace, progress: Progres
     decode, inversion = _decode(a), _inversion(a)
     _check_input(a.input)
     video = _video_digest(client, a.input, progress)
+    features_for = _edits(a)[0] if a.precompute_features else None
     result = client.invert(
-        video, decode=decode, inversion=inversion, on_event=_on_event(progress, "inversion")
+        video,
+        decode=decode,
+        inversion=inversion,
+        on_event=_on_event(progress, "inversion"),
+        features_for=features_for,
     )
-    return {"video_digest": video, **_result_summary(result), "test_model": result.test_model}
+    summary = {"video_digest": video, **_result_summary(result), "test_model": result.test_model}
+    if features_for is not None:
+        summary["features_digest"] = result.inversion.features_digest
+        summary["features_bytes"] = result.inversion.features_bytes
+    return summary
 
 
 def cmd_keyframes(client: TokenFlowClient, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -439,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="video file (or the digest of an uploaded video)")
     _add_decode_args(p)
     _add_inversion_args(p)
+    p.add_argument(
+        "--precompute-features",
+        action="store_true",
+        help="also precompute the source features of TokenFlow edits with the edit flags given (the "
+        "prompt is not needed), so the first edit already skips the source branch in propagation",
+    )
+    _add_edit_args(p, many=False, prompt_required=False)
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("keyframes", help="keyframe preview of an edit of an inverted video")

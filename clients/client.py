@@ -548,9 +548,16 @@ class TokenFlowClient:
         inversion: common_pb2.InversionSpec | None = None,
         on_event: JobEventCallback | None = None,
         timeout: float | None = None,
+        features_for: common_pb2.EditSpec | None = None,
     ) -> common_pb2.Result:
-        """DDIM-invert an uploaded video; returns the Result (its digest feeds keyframes/propagate)."""
-        request = inversion_pb2.InvertRequest(video_digest=video_digest, decode=decode, inversion=inversion)
+        """DDIM-invert an uploaded video; returns the Result (its digest feeds keyframes/propagate).
+
+        `features_for`: also precompute the source features of edits with this spec (any prompt), so
+        the first Propagate of the clip already replays them (Result.inversion.features_digest).
+        """
+        request = inversion_pb2.InvertRequest(
+            video_digest=video_digest, decode=decode, inversion=inversion, features_for=features_for
+        )
         return _run_job(self._inversion.Invert, request, self._timeout(timeout), on_event)
 
     def keyframes(

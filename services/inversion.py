@@ -9,6 +9,7 @@ can rebuild it under the same key instead of serving bad data or failing (`load_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from typing import Any
 
 import grpc
 
-from services.convert import check_digest, decode_spec_from_proto, inversion_spec_from_proto
+from services.convert import check_digest, decode_spec_from_proto, inversion_spec_from_proto, spec_from_proto
+from services.features import DEFAULT_FEATURES_BUDGET, FEATURES_KIND, publish_features
 from services.jobs import JobContext
 from services.metrics import Metrics
 from services.model_host import ModelHost
@@ -33,15 +35,19 @@ from services.store import (
     Manifest,
     WrongArtifactKind,
 )
+from tokenflow import keys
+from tokenflow.editing import record_source_features
 from tokenflow.errors import SpecError, VideoError
+from tokenflow.features import FeaturesRecorder
 from tokenflow.inversion import Inversion
 from tokenflow.keys import inversion_key
 from tokenflow.limits import DEFAULT_LIMITS, DecodeLimits
+from tokenflow.methods import method
 from tokenflow.models import Model
 from tokenflow.pipeline import invert_video
 from tokenflow.schedule import check_inversion_steps
 from tokenflow.shards import merge_inversions
-from tokenflow.specs import DecodeSpec, InversionSpec
+from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
 from tokenflow.video import probe
 from tokenflow_pb.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -230,6 +236,8 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
     service_name = SERVICE_NAME
     response_type = inversion_pb2.InvertResponse
     cancel_response_type = inversion_pb2.InversionCancelResponse
+    features_budget: int = DEFAULT_FEATURES_BUDGET
+    """Set by the server from --features-budget (0 = off): bounds InvertRequest.features_for."""
 
     def Invert(  # noqa: N802 - gRPC method name
         self, request: inversion_pb2.InvertRequest, context: grpc.ServicerContext
@@ -251,6 +259,27 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
         self.request_limits.check_inversion(recipe.spec)
         key = recipe.key(self.model_host.fingerprint)
         check_timesteps(self.model_host.get(), recipe.spec)
+        plan = self._plan_inversion(request, recipe, key)
+        if not request.HasField("features_for"):
+            return plan
+        if request.stored_only:
+            raise SpecError("features_for cannot be combined with stored_only", field="features_for")
+        spec = spec_from_proto(EditSpec, request.features_for, "features_for")
+        # The prompt never reaches the source branch: any placeholder lets an empty one validate.
+        spec = spec.replace(prompt=spec.prompt or "source features").validate()
+        self.request_limits.check_edit(spec, "features_for")
+        # A job of its own (the stored inversion alone is not its result), shared by identical requests.
+        job_key = keys.artifact_key("inversion+features", {"inversion": key, "features_for": spec.to_dict()})
+
+        def precheck() -> None:
+            if not self.store.contains(key):
+                plan.precheck()
+
+        return Plan(job_key, precheck, lambda ctx: self._precompute(ctx, plan.run(ctx), spec))
+
+    def _plan_inversion(
+        self, request: inversion_pb2.InvertRequest, recipe: InversionRecipe, key: str
+    ) -> Plan:
         if request.shard_digests:
             shards = list(request.shard_digests)
             for i, digest in enumerate(shards):
@@ -288,6 +317,73 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
             self.store, self.model_host, self.metrics, recipe, key, progress, limits=self.decode_limits
         )
         return JobOutput(manifest, computed=True)
+
+    # -- precomputed source features (InvertRequest.features_for) ------------------------------------------
+
+    def _precompute(self, ctx: JobContext, out: JobOutput, spec: EditSpec) -> JobOutput:
+        """After the inversion exists: record and publish the source features of `spec` unless stored.
+
+        The result stays the inversion; what was done with the features rides in an in-memory copy of
+        its metadata (`result` reads it), never in the stored inversion.
+        """
+        if not method(spec.method).keyframes:
+            found, note = None, f"features_for: method {spec.method!r} has no propagation pass, no features"
+        elif self.features_budget <= 0:
+            found, note = None, "features_for: source features are off on this server (--features-budget 0)"
+        else:
+            found, note = self._record_features(ctx, out.manifest, spec)
+        meta = {**out.manifest.meta, "features": found or {}}
+        if note:
+            meta["warnings"] = [*meta.get("warnings", []), note]
+        computed = out.computed or bool(found and found.get("precomputed"))
+        return JobOutput(dataclasses.replace(out.manifest, meta=meta), computed=computed)
+
+    def _record_features(
+        self, ctx: JobContext, manifest: Manifest, spec: EditSpec
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """({digest, bytes, precomputed} or None, a warning or None) for the features of `spec`."""
+        digest = manifest.key
+        progress = JobProgress(ctx, self.stage, self.metrics, {"edit": 1.0})
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.store.pin(digest))
+            inversion = load_inversion(
+                self.store, self.model_host, self.metrics, digest, dict(manifest.meta), progress
+            )
+            n, steps = inversion.n_frames, len(inversion.edit_timesteps)
+            key = keys.features_key(digest, spec, n, steps)  # exactly the key an edit looks up
+            stack.enter_context(self.store.pin(key))
+            stored = self.store.stat(key)
+            if stored is not None and stored.kind == FEATURES_KIND:
+                nbytes = int(stored.meta.get("bytes", 0))
+                self._report_features(
+                    ctx, f"the source features are already stored ({nbytes:,} bytes)", nbytes
+                )
+                return {"digest": key, "bytes": nbytes, "precomputed": False}, None
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.store.tmp_dir)))
+            recorder = FeaturesRecorder(
+                scratch / "features",
+                n,
+                *keys.features_steps(spec, steps),
+                budget=self.features_budget,
+                meta={"key": key},
+            )
+            self._report_features(ctx, "precomputing the source features (the source branch only)", 0)
+            with self.model_host.use(progress.check_cancelled, progress.waiting) as model:
+                progress.start()
+                record_source_features(model, inversion, spec, recorder, progress.hooks())
+            features = recorder.finish()
+            if features is None:
+                self.metrics.features_total.labels(outcome="over_budget").inc()
+                return None, f"features_for: {recorder.refused}"
+            publish_features(self.store, self.model_host, key, digest, features)
+        self.metrics.features_total.labels(outcome="precomputed").inc()
+        self.metrics.features_bytes_total.labels(action="precomputed").inc(features.nbytes)
+        note = f"precomputed the source features ({features.nbytes:,} bytes) for later prompts"
+        self._report_features(ctx, note, features.nbytes)
+        return {"digest": key, "bytes": features.nbytes, "precomputed": True}, None
+
+    def _report_features(self, ctx: JobContext, message: str, nbytes: int) -> None:
+        ctx.report({"stage": self.stage, "phase": "running", "message": message, "features_bytes": nbytes})
 
     # -- sharded inversion ---------------------------------------------------------------------------------
 
@@ -379,10 +475,13 @@ class InversionServicer(StageServicer, inversion_pb2_grpc.InversionServicer):
             steps=int(meta["steps"]),
             edit_steps=int(meta["edit_steps"]),
             video_digest=str(meta["video_digest"]),
+            features_digest=str((meta.get("features") or {}).get("digest", "")),
+            features_bytes=int((meta.get("features") or {}).get("bytes", 0)),
         )
         if meta.get("reconstruction_psnr") is not None:
             info.reconstruction_psnr_db = float(meta["reconstruction_psnr"])
-        result = self.base_result(manifest, cache_hit, common_warnings(meta, "reconstruction_psnr"))
+        warnings = common_warnings(meta, "reconstruction_psnr") + [str(w) for w in meta.get("warnings") or []]
+        result = self.base_result(manifest, cache_hit, warnings)
         result.inversion.CopyFrom(info)
         return result
 

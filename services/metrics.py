@@ -88,7 +88,9 @@ OUTCOMES: tuple[str, ...] = (
 #: How a propagation batch had the source branch's contributions (tokenflow.editing.PATH_*).
 FEATURE_PATHS: tuple[str, ...] = ("source_branch", "features")
 #: What a TokenFlow edit did with source features.
-FEATURE_OUTCOMES: tuple[str, ...] = ("recorded", "replayed", "over_budget", "off")
+FEATURE_OUTCOMES: tuple[str, ...] = ("recorded", "replayed", "over_budget", "off", "precomputed")
+#: What was done with source features' bytes (tokenflow_features_bytes_total{action}).
+FEATURE_ACTIONS: tuple[str, ...] = ("recorded", "replayed", "precomputed")
 
 
 def outcome_of(code: Any) -> str:
@@ -300,13 +302,15 @@ class Metrics:
         self.features_total = Counter(
             "tokenflow_features_total",
             "TokenFlow edits by what they did with source features: recorded, replayed, over_budget "
-            "(too large to record), off (the request or the server turned them off).",
+            "(too large to record), off (the request or the server turned them off); precomputed: "
+            "recorded ahead by an Invert with features_for (one too large counts as over_budget).",
             ["outcome"],
             registry=r,
         )
         self.features_bytes_total = Counter(
             "tokenflow_features_bytes_total",
-            "Bytes of source features recorded (published) or replayed (the artifacts' sizes).",
+            "Bytes of source features recorded (published) or replayed by edits, or precomputed by "
+            "Invert (the artifacts' sizes).",
             ["action"],
             registry=r,
         )
@@ -350,7 +354,7 @@ class Metrics:
             self.propagation_batches_total.labels(path=path)
         for outcome in FEATURE_OUTCOMES:
             self.features_total.labels(outcome=outcome)
-        for action in ("recorded", "replayed"):
+        for action in FEATURE_ACTIONS:
             self.features_bytes_total.labels(action=action)
         for kind in kinds:
             for counter in (

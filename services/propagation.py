@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from services.features import DEFAULT_FEATURES_BUDGET, publish_features
 from services.inversion import video_path
 from services.jobs import JobContext
 from services.plan import InversionInput, plan_edit
@@ -48,7 +49,6 @@ SERVICE_NAME = propagation_pb2.DESCRIPTOR.services_by_name["Propagation"].full_n
 VIDEO_FILE = "edited.mp4"
 RESULT_FILE = "result.json"
 FEATURES_KIND = keys.FEATURES_KIND
-DEFAULT_FEATURES_BUDGET = 8 << 30
 
 log = logging.getLogger(__name__)
 
@@ -241,19 +241,7 @@ class PropagationServicer(StageServicer, propagation_pb2_grpc.PropagationService
                 warnings.append(use.note)
             else:
                 try:
-                    self.store.put(
-                        FEATURES_KIND,
-                        use.key,
-                        features.files(),
-                        meta={
-                            "inversion": inversion_digest,
-                            "frames": features.frames,
-                            "steps": features.steps,
-                            "conv_steps": features.conv_steps,
-                            "bytes": features.nbytes,
-                            **model_meta(self.model_host),
-                        },
-                    )
+                    publish_features(self.store, self.model_host, use.key, inversion_digest, features)
                 except Exception as e:  # noqa: BLE001 - the edit stands without its features
                     log.warning("could not store the source features %s: %s", use.key[:12], e)
                     use.outcome, use.note = "off", f"the source features could not be stored: {e}"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_e2e_services import DECODE, INVERSION, metric, scrape
 
@@ -71,6 +72,14 @@ def _edit(client: TokenFlowClient, video: str, prompt: str, features: bool = Tru
     return result, paths
 
 
+def _frames(path: Path) -> np.ndarray:
+    """The decoded RGB frames of an mp4, as float32 (frames, height, width, 3)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32)
+
+
 def _delta(after: dict, before: dict, name: str, **labels: str) -> float:
     return metric(after, name, **labels) - metric(before, name, **labels)
 
@@ -127,3 +136,80 @@ def test_a_zero_budget_turns_features_off(tmp_path: Path, clip: Path) -> None:
         assert _delta(s1, s0, BATCHES, path="source_branch") > 0
         assert _delta(s1, s0, FEATURES, outcome="off") == 2
         assert not list(client.iter_artifacts(common_pb2.ARTIFACT_KIND_FEATURES))
+
+
+def test_invert_precomputes_the_features_the_first_edit_replays(tmp_path: Path, clip: Path) -> None:
+    """InvertRequest.features_for records the source features ahead of any prompt (source branch only).
+
+    The first edit with the same seed and schedule then replays them, and equals the same edit run
+    with its source branch (within the tolerance stated below).
+    """
+    spec = edit_spec("", seed=5, keyframe_interval=2, chunk_size=4)
+    for client, port in _server(tmp_path, budget=1 << 30):
+        video = client.upload(clip)
+        s0 = scrape(port)
+        events: list = []
+        inverted = client.invert(
+            video, decode=DECODE, inversion=INVERSION, features_for=spec, on_event=events.append
+        )
+        s1 = scrape(port)
+        info = inverted.inversion
+        assert info.features_digest and info.features_bytes > 0
+        assert _delta(s1, s0, FEATURES, outcome="precomputed") == 1
+        assert _delta(s1, s0, "tokenflow_features_bytes_total", action="precomputed") == info.features_bytes
+        assert _delta(s1, s0, BATCHES, path="source_branch") == 0  # no edit ran: nothing was propagated
+        assert max(e.progress.features_bytes for e in events if e.HasField("progress")) == info.features_bytes
+        (stored,) = client.iter_artifacts(common_pb2.ARTIFACT_KIND_FEATURES)
+        assert stored.digest == info.features_digest
+        # The inversion itself is the ordinary one: an Invert without features_for finds it stored.
+        plain = client.invert(video, decode=DECODE, inversion=INVERSION)
+        assert plain.cache_hit and plain.digest == inverted.digest and not plain.inversion.features_digest
+
+        again = client.invert(video, decode=DECODE, inversion=INVERSION, features_for=spec)
+        assert again.inversion.features_digest == info.features_digest
+        assert _delta(scrape(port), s1, FEATURES, outcome="precomputed") == 0, "stored: nothing to do"
+
+        s2 = scrape(port)
+        replayed, paths = _edit(client, video, "a watercolor painting")
+        s3 = scrape(port)
+        assert _delta(s3, s2, BATCHES, path="source_branch") == 0, "the source branch ran in propagation"
+        assert _delta(s3, s2, BATCHES, path="features") > 0
+        assert _delta(s3, s2, FEATURES, outcome="replayed") == 1
+        assert replayed.propagation.propagation_path == "features" and paths == {"features"}
+        assert replayed.propagation.features_bytes == info.features_bytes
+
+        # The same edit with its source branch (the features flag is not part of the edit's key: delete
+        # the stored result so it is computed again), and another prompt's edit as the scale of a change.
+        client.download(replayed.digest, tmp_path / "replayed.mp4")
+        client.delete(replayed.digest)
+        direct, paths = _edit(client, video, "a watercolor painting", features=False)
+        assert paths == {"source_branch"} and direct.digest == replayed.digest
+        client.download(direct.digest, tmp_path / "direct.mp4")
+        other, _ = _edit(client, video, "a marble sculpture")
+        client.download(other.digest, tmp_path / "other.mp4")
+        a, b, c = (_frames(tmp_path / f"{n}.mp4") for n in ("replayed", "direct", "other"))
+        # Replaying changes only the UNet's batch size (final latents within 1e-5 relative L2, see
+        # tests/test_features.py); through H.264 that is a fraction of a level on average (measured 0.06
+        # of 255, against 9.9 for another prompt), not bit-identical bytes.
+        same, changed = float(np.abs(a - b).mean()), float(np.abs(a - c).mean())
+        assert same <= 0.5 and changed > 20 * same, (same, changed)
+
+
+def test_features_for_is_refused_with_stored_only(tmp_path: Path, clip: Path) -> None:
+    import grpc
+
+    from tokenflow_pb.v1 import inversion_pb2, inversion_pb2_grpc
+
+    for client, _ in _server(tmp_path, budget=1 << 30):
+        video = client.upload(clip)
+        request = inversion_pb2.InvertRequest(
+            video_digest=video,
+            decode=DECODE,
+            inversion=INVERSION,
+            stored_only=True,
+            features_for=edit_spec(""),
+        )
+        with grpc.insecure_channel(client.target) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                list(inversion_pb2_grpc.InversionStub(channel).Invert(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
