@@ -138,7 +138,9 @@ def test_a_zero_budget_turns_features_off(tmp_path: Path, clip: Path) -> None:
         assert not list(client.iter_artifacts(common_pb2.ARTIFACT_KIND_FEATURES))
 
 
-def test_invert_precomputes_the_features_the_first_edit_replays(tmp_path: Path, clip: Path) -> None:
+def test_invert_precomputes_the_features_the_first_edit_replays(
+    tmp_path: Path, clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """InvertRequest.features_for records the source features ahead of any prompt (source branch only).
 
     The first edit with the same seed and schedule then replays them, and equals the same edit run
@@ -165,8 +167,15 @@ def test_invert_precomputes_the_features_the_first_edit_replays(tmp_path: Path, 
         plain = client.invert(video, decode=DECODE, inversion=INVERSION)
         assert plain.cache_hit and plain.digest == inverted.digest and not plain.inversion.features_digest
 
-        again = client.invert(video, decode=DECODE, inversion=INVERSION, features_for=spec)
-        assert again.inversion.features_digest == info.features_digest
+        # The client CLI asks the same with the edit flags (no prompt needed): they are stored already.
+        from clients.cli import main
+
+        flags = ["--size", "64x64", "--inversion-steps", "4", "--steps", "2", "--no-reconstruct"]
+        edit_flags = ["--precompute-features", "--seed", "5", "--keyframe-interval", "2"]
+        assert main(["-q", "--target", client.target, "invert", video, *flags, *edit_flags]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["features_digest"] == info.features_digest
+        assert again["features_bytes"] == info.features_bytes
         assert _delta(scrape(port), s1, FEATURES, outcome="precomputed") == 0, "stored: nothing to do"
 
         s2 = scrape(port)
