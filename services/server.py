@@ -292,7 +292,7 @@ def build_server(
                     stage.access = access
                     stage.decode_limits = config.decode_limits
                     stage.request_limits = config.request_limits
-                    stage.features_budget = config.features_budget  # used by propagation
+                    stage.features_budget = config.features_budget  # propagation; inversion (features_for)
                     add(server, stage)
                     stages[name] = stage
                     names.append(cls.service_name)
