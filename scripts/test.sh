@@ -8,4 +8,4 @@ VENV="$(bash scripts/setup.sh | tail -n 1)"
 "$VENV/bin/python" proto/generate.py --check
 "$VENV/bin/buf" lint proto  # the API against buf's STANDARD rules (proto/buf.yaml)
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q --durations=25 "$@"
