@@ -10,12 +10,15 @@ For each frame count N (default 64, 512, 2048; tiny preset, 256x256, 4 steps, ge
   ru_maxrss), and the ratio of the largest N to the smallest (the issue's bound: <= 1.15);
 - peak RSS (VmHWM) of a fresh ``tokenflow serve`` process after one upload + invert + propagate of the
   clip through the client (same settings);
-- seconds per frame per step of the edit in this process, for ``window:2`` at every N and for ``all``
-  up to `--all-up-to` frames (512), where its quadratic attention term shows;
-- bytes per frame of the inversion artifact (all its files over N).
+- seconds per frame per step of the edit (keyframe pass + propagation, as the edit command reports
+  them), for ``window:2`` at every N and for ``all`` up to `--all-up-to` frames (512), where its
+  quadratic attention term shows; the ``all`` runs report their peak RSS too;
+- bytes per frame of the inversion artifact the server published (its store index's size over N).
 
-Prints one JSON object (also to --json). Runs one N after the other; other agents' load on a shared
-machine slows everything alike, so the ratios within one run stay meaningful.
+The runs are independent processes. With ``--lanes 2`` (the default on two or more cores) two run at
+once, each pinned to its own core with one thread, so every timing is taken in the same conditions
+(one core, a neighbour busy); ``--lanes 1`` runs them one after the other with all threads. Prints one
+JSON object (also to --json, rewritten after every run).
 """
 
 from __future__ import annotations
@@ -23,18 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MiB = 1 << 20
+from bench_overhead import machine  # noqa: E402  (benchmarks/ is the script's own folder)
 
 
 def _cli() -> list[str]:
@@ -42,37 +50,84 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tokenflow.cli"]
 
 
-def _run_measured(command: list[str], timeout: float) -> tuple[int, float, float]:
-    """(exit code, peak RSS MiB, seconds) of a child process, peak from the kernel (wait4)."""
+def _child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads is not None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(threads)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _pinned(cpu: int | None) -> Any:
+    """preexec_fn pinning a child to one CPU (None: no pinning)."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def _run_measured(
+    command: list[str], timeout: float, cpu: int | None, threads: int | None
+) -> tuple[int, float, float, str]:
+    """(exit code, peak RSS MiB, seconds, stdout) of a child process, peak from the kernel (wait4)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 and proc.stderr is not None:
-        sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
-    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - started
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=err, env=_child_env(threads), preexec_fn=_pinned(cpu)
+        )
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            sys.stderr.write(err.read().decode(errors="replace")[-2000:])
+        stdout = out.read().decode(errors="replace")
+        return code, usage.ru_maxrss / 1024, time.perf_counter() - started, stdout
 
 
-def cli_edit_rss(
-    clip: Path, out: Path, size: int, steps: int, attention: str, batch: int, timeout: float
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Run:
+    """One measured run: the clip, the settings, and where it runs (a CPU to pin to, a thread count)."""
+
+    clip: Path
+    n: int
+    size: int
+    steps: int
+    attention: str
+    batch: int
+    timeout: float
+    cpu: int | None
+    threads: int | None
+
+
+def cli_edit(r: Run, out: Path) -> dict[str, Any]:
+    """Peak RSS of one whole `tokenflow edit` process, and its edit's seconds per frame per step."""
     command = [
-        *_cli(), "edit", str(clip), "-o", str(out), "-p", "a watercolor painting", "--model", "tiny",
-        "--device", "cpu", "--steps", str(steps), "--inversion-steps", str(steps), "--size", f"{size}x{size}",
-        "--keyframe-attention", attention, "--chunk-size", str(batch), "--inversion-batch-size", str(batch),
-        "-q", "-y",
+        *_cli(), "edit", str(r.clip), "-o", str(out), "-p", "a watercolor painting",
+        "--model", "tiny", "--device", "cpu", "--size", f"{r.size}x{r.size}",
+        "--steps", str(r.steps), "--inversion-steps", str(r.steps), "--keyframe-attention", r.attention,
+        "--chunk-size", str(r.batch), "--inversion-batch-size", str(r.batch), "-q", "-y",
     ]  # fmt: skip
-    code, rss, seconds = _run_measured(command, timeout)
-    return {"exit_code": code, "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}
+    code, rss, seconds, stdout = _run_measured(command, r.timeout, r.cpu, r.threads)
+    run: dict[str, Any] = {"exit_code": code, "peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}
+    if code == 0:
+        stages = json.loads(stdout)["seconds"]
+        edit_seconds = stages["keyframes"] + stages["propagation"]
+        run["stage_seconds"] = stages
+        run["seconds_per_frame_per_step"] = round(edit_seconds / (r.n * r.steps), 5)
+        run["keyframe_pass_share"] = round(stages["keyframes"] / edit_seconds, 3)
+    out.unlink(missing_ok=True)
+    return run
 
 
 def _free_port() -> int:
@@ -89,31 +144,46 @@ def _vm_hwm_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def server_edit_rss(
-    clip: Path, tmp: Path, size: int, steps: int, attention: str, batch: int, timeout: float
-) -> dict[str, Any]:
+def _inversion_bytes(cache_dir: Path) -> int:
+    """Size of the inversion artifact the server published, from its store's index."""
+    from services.inversion import KIND
+
+    with closing(sqlite3.connect(cache_dir / "index.db")) as db:
+        sizes = [row[0] for row in db.execute("SELECT size FROM artifacts WHERE kind = ?", (KIND,))]
+    if len(sizes) != 1:
+        raise RuntimeError(f"expected one inversion artifact in {cache_dir}, found {len(sizes)}")
+    return int(sizes[0])
+
+
+def server_edit(r: Run, tmp: Path) -> dict[str, Any]:
     """One fresh server, one edit through the client; the server's peak RSS afterwards."""
     from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 
     port = _free_port()
+    cache = tmp / "cache"
     command = [
         *_cli(), "serve", "--services=all", "--model=tiny", "--host=127.0.0.1",
-        f"--port={port}", f"--cache-dir={tmp / 'cache'}", "--metrics-port=-1",
+        f"--port={port}", f"--cache-dir={cache}", "--metrics-port=-1",
     ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(r.threads),
+        preexec_fn=_pinned(r.cpu),
+    )  # fmt: skip
     started = time.perf_counter()
     try:
         client = TokenFlowClient(f"127.0.0.1:{port}")
         try:
             client.wait_ready(120)
-            spec = edit_spec("a watercolor painting", chunk_size=batch)
-            spec.keyframe_attention = attention
+            spec = edit_spec("a watercolor painting", chunk_size=r.batch)
+            spec.keyframe_attention = r.attention
             client.edit(
-                str(clip),
+                str(r.clip),
                 spec,
-                decode=decode_spec(size=(size, size)),
-                inversion=inversion_spec(steps=steps, edit_steps=steps, reconstruct=False, batch_size=batch),
-                timeout=timeout,
+                decode=decode_spec(size=(r.size, r.size)),
+                inversion=inversion_spec(
+                    steps=r.steps, edit_steps=r.steps, reconstruct=False, batch_size=r.batch
+                ),
+                timeout=r.timeout,
             )
         finally:
             client.close()
@@ -125,33 +195,11 @@ def server_edit_rss(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return {"peak_rss_mib": round(rss, 1), "seconds": round(time.perf_counter() - started, 1)}
-
-
-def library_timing(clip: Path, size: int, steps: int, attentions: list[str], batch: int) -> dict[str, Any]:
-    """Seconds per frame per step of the edit (keyframe pass + propagation) in this process."""
-    from tokenflow.editing import edit
-    from tokenflow.models import load_model
-    from tokenflow.pipeline import invert_video
-    from tokenflow.specs import DecodeSpec, EditSpec, InversionSpec
-
-    model = load_model("tiny", device="cpu", dtype="float32")
-    spec = InversionSpec(steps=steps, edit_steps=steps, reconstruct=False, batch_size=batch)
-    inv = invert_video(model, clip, DecodeSpec.sized((size, size)), spec)
-    n = inv.n_frames
-    artifact_bytes = sum(os.stat(p).st_size for p in inv.paths.values())
-    out: dict[str, Any] = {"inversion_bytes_per_frame": round(artifact_bytes / n, 1)}
-    for attention in attentions:
-        spec_e = EditSpec(prompt="a watercolor painting", keyframe_attention=attention, chunk_size=batch)
-        result = edit(model, inv, spec_e)
-        seconds = result.seconds["keyframes"] + result.seconds["propagation"]
-        out[attention] = {
-            "seconds_per_frame_per_step": round(seconds / (n * steps), 5),
-            "keyframe_pass_share": round(result.seconds["keyframes"] / seconds, 3),
-        }
-        del result
-    del inv, model
-    return out
+    return {
+        "peak_rss_mib": round(rss, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "inversion_bytes_per_frame": round(_inversion_bytes(cache) / r.n, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="propagation chunk and inversion batch (frames)")
     parser.add_argument("--all-up-to", type=int, default=512, help="time `all` only up to this many frames")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="per run, seconds")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("cli", "server", "timing"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("cli", "server", "all"))
+    parser.add_argument(
+        "--lanes", type=int, choices=(1, 2), default=2 if len(os.sched_getaffinity(0)) >= 2 else 1,
+        help="runs at once (2: each pinned to its own core with one thread)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
     from tokenflow.synthetic import make_clip
 
-    attention = f"window:{args.window}"
+    window = f"window:{args.window}"
+    cpus = sorted(os.sched_getaffinity(0))[: args.lanes] if args.lanes > 1 else [None]
+    threads = 1 if args.lanes > 1 else None
     report: dict[str, Any] = {
         "settings": {
             "model": "tiny",
@@ -177,42 +231,59 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "window": args.window,
             "batch": args.batch,
+            "lanes": args.lanes,
+            "threads_per_run": threads or "torch default",
         },
-        "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
-        "runs": {},
+        "machine": machine(),
+        "runs": {str(n): {} for n in args.frames},
     }
+    lock = threading.Lock()
 
     def dump() -> None:
-        text = json.dumps(report, indent=1)
         if args.json:
-            Path(args.json).write_text(text)
-        return None
+            Path(args.json).write_text(json.dumps(report, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="tokenflow-bench-long-") as tmp_dir:
         tmp = Path(tmp_dir)
-        for n in args.frames:
-            run: dict[str, Any] = {}
-            report["runs"][str(n)] = run
-            clip = make_clip(tmp / f"clip{n}.mp4", frames=n, size=(args.size, args.size), fps=24, audio=True)
+        clips = {
+            n: make_clip(tmp / f"clip{n}.mp4", frames=n, size=(args.size, args.size), fps=24, audio=True)
+            for n in args.frames
+        }
+        jobs: queue.Queue[tuple[int, str, str]] = queue.Queue()  # (N, report entry, attention)
+        for n in sorted(args.frames):
             if "cli" not in args.skip:
-                run["cli_edit"] = cli_edit_rss(
-                    clip, tmp / f"out{n}.mp4", args.size, args.steps, attention, args.batch, args.timeout
-                )
-                dump()
+                jobs.put((n, "cli_edit", window))
             if "server" not in args.skip:
-                (tmp / f"srv{n}").mkdir()
+                jobs.put((n, "server_edit", window))
+            if "all" not in args.skip and n <= args.all_up_to:
+                jobs.put((n, "cli_edit_all", "all"))
+
+        def lane(cpu: int | None) -> None:
+            while True:
                 try:
-                    run["server_edit"] = server_edit_rss(
-                        clip, tmp / f"srv{n}", args.size, args.steps, attention, args.batch, args.timeout
-                    )
+                    n, what, attention = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                run = Run(
+                    clips[n], n, args.size, args.steps, attention, args.batch, args.timeout, cpu, threads
+                )
+                try:
+                    if what == "server_edit":
+                        (tmp / f"srv{n}").mkdir()
+                        result = server_edit(run, tmp / f"srv{n}")
+                    else:
+                        result = cli_edit(run, tmp / f"{what}{n}.mp4")
                 except Exception as exc:  # noqa: BLE001 - reported, the other figures still count
-                    run["server_edit"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                dump()
-            if "timing" not in args.skip:
-                attentions = [attention] + (["all"] if n <= args.all_up_to else [])
-                run["timing"] = library_timing(clip, args.size, args.steps, attentions, args.batch)
-                dump()
-            clip.unlink()
+                    result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                with lock:
+                    report["runs"][str(n)][what] = result
+                    dump()
+
+        workers = [threading.Thread(target=lane, args=(cpu,)) for cpu in cpus]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     runs = report["runs"]
     lo, hi = str(min(args.frames)), str(max(args.frames))
     for what in ("cli_edit", "server_edit"):

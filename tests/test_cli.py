@@ -99,6 +99,9 @@ def test_edit_keeps_frames_rate_and_audio(clip: Path, edited: tuple[Path, dict[s
     assert report["frames"] == 12 and report["fps"] == 12.0 and report["method"] == "tokenflow"
     assert report["test_model"] is True and report["output"] == str(out)
     assert isinstance(report["reconstruction_psnr_db"], float) and report["reconstruction_psnr_db"] > 5
+    # wall time per stage, which benchmarks/bench_long.py divides by frames x steps
+    assert report["steps"] == 2 and set(report["seconds"]) == {"inversion", "keyframes", "propagation"}
+    assert all(v > 0 for v in report["seconds"].values())
     info = probe(out)
     assert (info.width, info.height, info.fps, info.codec) == (64, 64, Fraction(12), "h264")
     assert count_frames(out) == count_frames(clip) == 12

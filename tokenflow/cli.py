@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,6 +181,7 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
     progress = ProgressDisplay(not a.quiet)
     hooks = JobHooks(progress=progress)
     model = _load_model(a)
+    seconds: dict[str, float] = {}
     if inversion is None:
         if source is None:
             source = str(Path(tempfile.mkdtemp(prefix="tokenflow-")) / "generated.mp4")
@@ -187,7 +189,9 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
             print(f"no INPUT given: generated a test clip at {source}", file=sys.stderr)
             if decode.size is None:  # edit the generated clip at its own size, not upscaled to the area
                 decode = decode.replace(width=256, height=256)
+        started = time.perf_counter()
         inversion = invert_video(model, source, decode, inversion_spec, hooks)
+        seconds["inversion"] = time.perf_counter() - started
     source_hook, features_dir, features_path = None, None, "source_branch"
     if a.from_inversion and spec.features and method(spec.method).keyframes:
         from tokenflow.features import beside_saved_inversion
@@ -210,6 +214,9 @@ def cmd_edit(a: argparse.Namespace) -> dict[str, Any]:
         "features_dir": str(features_dir) if features_dir else None,
         "propagation_batches": out.result.propagation_batches,
         "output": str(out.path),
+        # wall time per stage (the keyframe pass and propagation summed over the editing steps)
+        "seconds": {stage: round(v, 3) for stage, v in {**seconds, **out.result.seconds}.items()},
+        "steps": len(inversion.edit_timesteps),
         "frames": out.frames,
         "fps": float(out.fps),
         "method": spec.method,
