@@ -44,6 +44,8 @@ STORE_WRITERS = STAGE_SERVICES | {"tokenflow.v1.Artifacts"}
 DRAINING_REASON = "draining: the server is shutting down"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_LIMIT_ATTRIBUTES = {"max_concurrent_rpcs": "rpc_limit"}  # Limits field -> ServerConfig attribute
+_EDITOR_LIMITS = frozenset({"max_edits_per_request", "edit_parallelism"})  # from the Editor, 0 without one
 _MODEL_STATES = {
     mh.NOT_LOADED: server_info_pb2.MODEL_STATE_NOT_LOADED,
     mh.LOADING: server_info_pb2.MODEL_STATE_LOADING,
@@ -216,21 +218,23 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServicer):
         return info
 
     def _limits(self) -> server_info_pb2.Limits:
+        """Every field of the proto's Limits, read from the ServerConfig attribute of the same name.
+
+        The proto declares the limits once; a Duration field `x` reads `x_seconds` (unset when None);
+        `_LIMIT_ATTRIBUTES` names the few attributes spelt otherwise, `_EDITOR_LIMITS` those only an
+        Editor has. A config without a field's attribute fails here, and its test, not silently.
+        """
         c = self._config
-        limits = server_info_pb2.Limits(
-            max_queue=c.max_queue,
-            max_upload_bytes=c.max_upload_bytes,
-            max_concurrent_rpcs=c.rpc_limit,
-            max_decoded_frames=c.max_decoded_frames,
-            max_pixels_per_frame=c.max_pixels_per_frame,
-            max_prompt_chars=c.max_prompt_chars,
-            max_steps=c.max_steps,
-            max_schedule_entries=c.max_schedule_entries,
-        )
-        limits.job_grace.FromNanoseconds(int(c.job_grace_seconds * 1e9))
-        limits.upload_idle.FromNanoseconds(int(c.upload_idle_seconds * 1e9))
-        if c.max_connection_age_seconds:
-            limits.max_connection_age.FromNanoseconds(int(c.max_connection_age_seconds * 1e9))
+        limits = server_info_pb2.Limits()
+        for field in limits.DESCRIPTOR.fields:
+            if field.name in _EDITOR_LIMITS:
+                continue
+            if field.message_type is not None:  # google.protobuf.Duration
+                seconds = getattr(c, f"{field.name}_seconds")
+                if seconds is not None:
+                    getattr(limits, field.name).FromNanoseconds(int(seconds * 1e9))
+            else:
+                setattr(limits, field.name, int(getattr(c, _LIMIT_ATTRIBUTES.get(field.name, field.name))))
         if self.editor is not None:
             limits.max_edits_per_request = self._max_edits
             limits.edit_parallelism = int(getattr(self.editor, "edit_parallelism", 1))

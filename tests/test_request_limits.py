@@ -195,6 +195,11 @@ def test_server_info_reports_every_configured_limit(channel: grpc.Channel, serve
         limits.max_queue == server.config.max_queue
         and limits.max_upload_bytes == server.config.max_upload_bytes
     )
+    assert limits.job_grace.ToNanoseconds() == int(server.config.job_grace_seconds * 1e9)
+    assert limits.max_connection_age.ToNanoseconds() == int(server.config.max_connection_age_seconds * 1e9)
+    assert limits.edit_parallelism >= 1
+    # every declared limit is reported: none is left at its proto default
+    assert {f.name for f, _ in limits.ListFields()} == {f.name for f in limits.DESCRIPTOR.fields}
 
 
 def test_request_limit_flags_default_to_the_library_limits_and_may_only_tighten_them(
