@@ -7,12 +7,14 @@ same code runs all-in-one (``--services all``) or as one stage per deployment.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.limits import DEFAULT_UPLOAD_IDLE_SECONDS, HEALTH_RESERVE
 from services.request_limits import HARD_LIMITS, RequestLimits, flag
@@ -330,8 +332,28 @@ _REQUEST_LIMIT_HELP: dict[str, str] = {
 """Help of the request-limit flags, one per HARD_LIMITS name (services/request_limits.py)."""
 
 
+def config_defaults() -> dict[str, Any]:
+    """ServerConfig's field defaults by name (the flags' defaults are read from here)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(ServerConfig) if f.default is not dataclasses.MISSING
+    }
+
+
+def format_size(n: int) -> str:
+    """The shortest exact spelling of a size that parse_size reads back: 20GB, 8GiB, 1048576."""
+    for unit, factor in (("TiB", 1 << 40), ("TB", 10**12), ("GiB", 1 << 30), ("GB", 10**9), ("MiB", 1 << 20),
+                         ("MB", 10**6), ("KiB", 1 << 10), ("kB", 10**3)):  # fmt: skip
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `tokenflow serve` flags. Every flag is also read from its TOKENFLOW_* variable (flags win)."""
+    """The `tokenflow serve` flags. Every flag is also read from its TOKENFLOW_* variable (flags win).
+
+    Defaults come from ServerConfig's own (one declaration); a flag spells None as 0 or -1 where noted.
+    """
+    D = config_defaults()
     p = argparse.ArgumentParser(
         prog="tokenflow serve",
         description="Serve the TokenFlow gRPC services (all in one process, or any subset). Every flag can "
@@ -344,19 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 = every interface: "
+        default=D["host"],
+        help="address to listen on (default %(default)s, this machine only; 0.0.0.0 = every interface: "
         "then use TLS and tokens unless the network is trusted)",
     )
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument(
+        "--port", type=int, default=D["port"], help="gRPC port; 0 picks a free one (default %(default)s)"
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=9090,
-        help="Prometheus port; 0 = pick one, -1 = off (default 9090)",
+        default=D["metrics_port"],
+        help="Prometheus port; 0 = pick one, -1 = off (default %(default)s)",
     )
     p.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)"
+        "--metrics-host", default=D["metrics_host"], help="address /metrics listens on (default %(default)s)"
     )
     g = p.add_argument_group("access control (README: Access control)")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS on every port")
@@ -387,15 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="editor: file with its token for the stages (default: the first admin of --auth-token-file)",
     )
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="local artifact cache directory")
     p.add_argument(
-        "--cache-size", default="20GB", help="cache size limit, e.g. 50GB or 512MiB (default 20GB)"
+        "--cache-dir",
+        default=str(D["cache_dir"]),
+        help="local artifact cache directory (default %(default)s)",
+    )
+    p.add_argument(
+        "--cache-size",
+        default=format_size(D["cache_size_bytes"]),
+        help="cache size limit, e.g. 50GB or 512MiB (default %(default)s)",
     )
     p.add_argument(
         "--features-budget",
-        default="8GiB",
+        default=format_size(D["features_budget"]),
         help="largest source-features artifact an edit records (they let later prompts on the clip skip "
-        "the source branch of propagation); 0 turns features off (default 8GiB)",
+        "the source branch of propagation); 0 turns features off (default %(default)s)",
     )
     p.add_argument("--shared-store", default=None, help="shared tier directory on a volume all nodes mount")
     p.add_argument(
@@ -406,26 +436,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-bucket", default=None, help="shared tier in this S3 bucket (AWS credential chain)")
     p.add_argument("--s3-prefix", default="", help="key prefix inside --s3-bucket (default: none)")
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000")
-    p.add_argument("--model", default="tiny", help="diffusers SD folder or preset (tiny = test model, noise)")
+    p.add_argument(
+        "--model", default=D["model"], help="diffusers SD folder or preset (tiny = test model, noise)"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: fp16 on GPU)")
     for stage in STAGES:
         p.add_argument(f"--{stage}-addr", default=None, help=f"editor: gRPC target of the {stage} stage")
-    p.add_argument("--max-queue", type=int, default=8, help="queued jobs per stage (default 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=D["max_queue"], help="queued jobs per stage (default %(default)s)"
+    )
     p.add_argument(
         "--job-grace-seconds",
         type=float,
-        default=120.0,
-        help="cancel a job after this long with no caller attached (default 120)",
+        default=D["job_grace_seconds"],
+        help="cancel a job after this long with no caller attached (default %(default)s)",
     )
-    p.add_argument("--max-upload-bytes", default=str(2 << 30), help="upload size limit (default 2GiB)")
+    p.add_argument(
+        "--max-upload-bytes",
+        default=format_size(D["max_upload_bytes"]),
+        help="upload size limit (default %(default)s)",
+    )
     p.add_argument(
         "--shutdown-grace-seconds",
         type=float,
         default=None,
         help="on SIGTERM, time running jobs get to finish (default: --job-grace-seconds)",
     )
-    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument(
+        "--max-workers", type=int, default=D["max_workers"], help="gRPC handler threads (default %(default)s)"
+    )
     p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
@@ -436,35 +476,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--upload-idle-seconds",
         type=float,
-        default=DEFAULT_UPLOAD_IDLE_SECONDS,
-        help=f"close an upload that sends nothing for this long (default {DEFAULT_UPLOAD_IDLE_SECONDS:g})",
+        default=D["upload_idle_seconds"],
+        help="close an upload that sends nothing for this long (default %(default)s)",
     )
     p.add_argument(
         "--max-decoded-frames",
         type=int,
-        default=MAX_DECODED_FRAMES,
-        help=f"most frames decoded from one upload, skipped ones included (default {MAX_DECODED_FRAMES})",
+        default=D["max_decoded_frames"],
+        help="most frames decoded from one upload, skipped ones included (default %(default)s)",
     )
     p.add_argument(
         "--max-pixels-per-frame",
         type=int,
-        default=MAX_PIXELS_PER_FRAME,
-        help=f"largest decoded picture, width x height, of every frame (default {MAX_PIXELS_PER_FRAME})",
+        default=D["max_pixels_per_frame"],
+        help="largest decoded picture, width x height, of every frame (default %(default)s)",
     )
-    for name, hard in HARD_LIMITS.items():  # a server may only tighten the library's limits
+    for name in HARD_LIMITS:  # a server may only tighten the library's limits
         what = _REQUEST_LIMIT_HELP[name]
-        p.add_argument(flag(name), type=int, default=hard, help=f"{what} (at most, and default, {hard})")
+        p.add_argument(
+            flag(name), type=int, default=D[name], help=f"{what} (at most, and default, %(default)s)"
+        )
     p.add_argument(
         "--max-connection-age-seconds",
         type=float,
-        default=300.0,
-        help="send clients GOAWAY after this so they re-resolve and reach new pods; 0 = never (default 300)",
+        default=D["max_connection_age_seconds"],
+        help="send clients GOAWAY after this so they re-resolve and reach new pods; 0 = never "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--max-connection-age-grace-seconds",
         type=float,
-        default=1800.0,
-        help="after GOAWAY, time calls in flight get before the connection closes (default 1800)",
+        default=D["max_connection_age_grace_seconds"],
+        help="after GOAWAY, time calls in flight get before the connection closes (default %(default)s)",
     )
     p.add_argument(
         "--edit-parallelism",
@@ -475,28 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage-wait-seconds",
         type=float,
-        default=30.0,
-        help="editor: how long a stage call waits for a serving replica before failing (default 30)",
+        default=D["stage_wait_seconds"],
+        help="editor: how long a stage call waits for a serving replica before failing (default %(default)s)",
     )
     p.add_argument(
         "--lease-seconds",
         type=float,
-        default=30.0,
+        default=D["lease_seconds"],
         help="a running job's lease expires after this long without a heartbeat; then another replica "
-        "takes the job over (default 30)",
+        "takes the job over (default %(default)s)",
     )
     p.add_argument(
         "--inversion-shards",
         type=int,
-        default=1,
-        help="editor: split each inversion into N frame ranges over the inversion replicas (default 1)",
+        default=D["inversion_shards"],
+        help="editor: split each inversion into N frame ranges over the inversion replicas "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--inversion-shard-frames",
         type=int,
-        default=0,
+        default=D["inversion_shard_frames"],
         help="editor: shard inversions of at least this many frames, one range per inversion replica "
-        "(default 0 = never)",
+        "(0 = never; default %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(

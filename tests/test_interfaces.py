@@ -264,6 +264,13 @@ def test_flags_win_over_the_environment_and_bad_values_name_the_variable(
     assert "TOKENFLOW_PORT='eighty'" in capsys.readouterr().err
 
 
+def test_serve_flags_default_to_the_config_defaults() -> None:
+    """`tokenflow serve` with no flags is ServerConfig() (the flags read their defaults from it)."""
+    assert config.config_from_args(config.parse_args([], environ={})) == config.ServerConfig()
+    for size in (20 * 10**9, 8 << 30, 2 << 30, 1000, 1023, 0):
+        assert config.parse_size(config.format_size(size)) == size
+
+
 def test_json_logs_carry_the_job_id() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
