@@ -121,3 +121,25 @@ def test_window_covering_a_long_clip_equals_all(tiny_model: Model, long_inversio
     narrow = edit(tiny_model, long_inversion, spec.replace(keyframe_attention="window:2"))
     assert torch.isfinite(narrow.latents).all()
     assert float((narrow.latents - full).norm() / full.norm()) > 1e-4  # a real, different approximation
+
+
+def test_the_final_decode_stops_when_the_job_is_cancelled(tiny_model: Model) -> None:
+    """The VAE decode of a long edit takes minutes: the job's cancellation check runs before each batch."""
+    from tokenflow.encoding import iter_decoded
+    from tokenflow.errors import Cancelled
+
+    calls = 0
+
+    def check() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise Cancelled("cancelled by the caller")
+
+    latents = torch.zeros(40, 4, 4, 4)
+    frames = iter_decoded(tiny_model, latents, batch_size=8, check_cancelled=check)
+    decoded = []
+    with pytest.raises(Cancelled):
+        for frame in frames:
+            decoded.append(frame)
+    assert len(decoded) == 16 and calls == 3  # two batches, then nothing after the cancellation

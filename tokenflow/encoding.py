@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -76,9 +76,20 @@ def decode_latents(model: Model, latents: torch.Tensor) -> np.ndarray:
     return images.mul(255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def iter_decoded(model: Model, latents: torch.Tensor, batch_size: int = 8) -> Iterator[np.ndarray]:
-    """Decode in batches and yield frames one by one, so a whole video never sits in memory."""
+def iter_decoded(
+    model: Model,
+    latents: torch.Tensor,
+    batch_size: int = 8,
+    check_cancelled: Callable[[], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Decode in batches and yield frames one by one, so a whole video never sits in memory.
+
+    `check_cancelled` (e.g. ``JobHooks.check``) runs before every batch: the decode of a long clip takes
+    minutes, and a cancelled job must not spend them.
+    """
     for b in range(0, latents.shape[0], batch_size):
+        if check_cancelled is not None:
+            check_cancelled()
         yield from decode_latents(model, latents[b : b + batch_size])
 
 

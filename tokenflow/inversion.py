@@ -436,7 +436,7 @@ def invert(
     )
     if spec.reconstruct:
         recon = reconstruct(model, inversion, spec.steps, hooks, batch_size=bs)
-        inversion.reconstruction_psnr = reconstruction_psnr(model, recon, frames())
+        inversion.reconstruction_psnr = reconstruction_psnr(model, recon, frames(), hooks.check)
         # In latent space too: pixel PSNR also carries the VAE's own round-trip loss.
         inversion.extra["reconstruction_latent_rel_l2"] = _rel_l2_to_clean(inversion, recon)
     if directory is not None:
@@ -483,10 +483,16 @@ def reconstruct(
     return x
 
 
-def reconstruction_psnr(model: Model, latents: torch.Tensor, source: Iterable[np.ndarray]) -> float:
+def reconstruction_psnr(
+    model: Model,
+    latents: torch.Tensor,
+    source: Iterable[np.ndarray],
+    check_cancelled: Callable[[], None] | None = None,
+) -> float:
     """PSNR (dB) of decoded latents against the source frames, over the whole clip."""
     se, count = 0.0, 0
-    for decoded, original in zip(iter_decoded(model, latents), source, strict=False):
+    decoded_frames = iter_decoded(model, latents, check_cancelled=check_cancelled)
+    for decoded, original in zip(decoded_frames, source, strict=False):
         diff = decoded.astype(np.float64) - original.astype(np.float64)
         se += float(np.square(diff).sum())
         count += diff.size

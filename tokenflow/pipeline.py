@@ -83,7 +83,7 @@ def render_edit(
     result = edit(model, inversion, spec, hooks=hooks, source_hook=source_hook)
     frames = write_video(
         output,
-        iter_decoded(model, result.latents),
+        iter_decoded(model, result.latents, check_cancelled=hooks.check),
         inversion.fps,
         audio_source=audio_source,
         crf=spec.crf,
