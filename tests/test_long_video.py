@@ -15,6 +15,7 @@ import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,17 +67,17 @@ class _ReadSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[str, int]] = []
-        real = LatentFile.rows
+        real = LatentFile._read  # every read of rows goes through it, one call per request
 
-        def rows(f: LatentFile, start: int, stop: int) -> torch.Tensor:
-            out = real(f, start, stop)
+        def read(f: LatentFile, runs: Any) -> torch.Tensor:
+            out = real(f, runs)
             self.reads.append((f.path.name, int(out.shape[0])))
             return out
 
-        monkeypatch.setattr(LatentFile, "rows", rows)
+        monkeypatch.setattr(LatentFile, "_read", read)
 
 
-def test_a_long_clip_edits_end_to_end_through_the_store_memory_mapped(
+def test_a_long_clip_edits_end_to_end_through_the_store_read_by_frame_ranges(
     tiny_model: Model, long_inversion: Inversion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from services.store import ArtifactStore
@@ -143,3 +144,26 @@ def test_the_final_decode_stops_when_the_job_is_cancelled(tiny_model: Model) -> 
         for frame in frames:
             decoded.append(frame)
     assert len(decoded) == 16 and calls == 3  # two batches, then nothing after the cancellation
+
+
+def test_rows_are_read_at_their_offsets_exactly(tmp_path: Path) -> None:
+    """Scattered frames (a clip's keyframes), slices past the end, both layouts and dtypes read back
+    bit for bit; a file cut short is an error, not garbage."""
+    from safetensors.torch import save_file
+
+    from tokenflow.errors import SpecError
+    from tokenflow.latents_io import write_rows
+
+    x = torch.randn(50, 4, 3, 5)
+    f = LatentFile(write_rows(tmp_path / "x.safetensors", "latents", x, batch=7), "latents")
+    frames = [0, 1, 2, 9, 17, 18, 49]
+    assert torch.equal(f[frames], x[frames]) and torch.equal(f[3:11], x[3:11])
+    assert torch.equal(f.rows(45, 80), x[45:]) and f.rows(60, 70).shape == (0, 4, 3, 5)
+    stacked = torch.randn(3, 20, 4, 2, 2).to(torch.bfloat16)  # the older [T, N, ...] layout
+    save_file({"a": torch.zeros(3), "latents": stacked}, tmp_path / "old.safetensors")
+    old = LatentFile(tmp_path / "old.safetensors", "latents", index=2)
+    assert old.shape() == (20, 4, 2, 2) and torch.equal(old[[1, 5, 6]], stacked[2, [1, 5, 6]])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "x.safetensors").read_bytes()[:-100])
+    with pytest.raises(SpecError):
+        LatentFile(cut, "latents")[[49]]

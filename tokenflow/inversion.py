@@ -7,8 +7,8 @@ them, noised with the inversion's own noise) and the most-noised latent.
 An inversion is a folder of files, not a tensor in memory: ``inversion.json`` (metadata) and one
 safetensors file per [N, 4, h, w] tensor (``latents_clean``, ``noisiest`` and ``source_000`` ...
 one per editing step). Inverting writes each step's file as soon as the step is done; editing reads
-one step's rows at a time through memory maps. Host memory therefore grows with N (the latents being
-worked on), never with N x T. The older single-file layout (format 1) is still read, in place.
+one step's rows at a time, read at their file offsets. Host memory therefore grows with N (the latents
+being worked on), never with N x T. The older single-file layout (format 1) is still read, in place.
 """
 
 from __future__ import annotations

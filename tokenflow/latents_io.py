@@ -1,4 +1,4 @@
-"""Per-frame latent tensors on disk: streamed in, memory-mapped out, never held whole.
+"""Per-frame latent tensors on disk: streamed in, read back by row ranges, never held whole.
 
 A long clip's inversion is T tensors of [N, 4, h, w] (3.3 MB per frame at 512x512 and 50 steps),
 so it lives in files, one per tensor, in the safetensors format (no pickle). Two pieces:
@@ -8,14 +8,15 @@ so it lives in files, one per tensor, in the safetensors format (no pickle). Two
   the header to be padded with spaces), then renames the file into place (a reader never sees half
   a file).
 - `LatentFile` names one tensor in one file (optionally one row of a leading axis, for the older
-  single-file layout) and reads only the frames asked for: each read opens the file memory-mapped
-  (`safetensors.safe_open`), copies the requested rows out and closes it again, so the process never
-  keeps more mapped pages resident than the rows it is using.
+  single-file layout) and reads only the frames asked for: safetensors validates the file's header
+  (`safe_open`, memory-mapped), then the requested rows are read at their offsets straight into a new
+  tensor (``os.preadv``), so a read costs the rows it returns and nothing stays mapped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Sequence
@@ -29,6 +30,18 @@ from tokenflow.errors import SpecError
 
 HEADER_RESERVE = 1024  # bytes kept for the JSON header; a multiple of 8 keeps the data aligned
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one tensor's rows lie in its file: offset of row 0, bytes per row, rows, row shape, dtype."""
+
+    start: int
+    row_bytes: int
+    rows: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 class RowsWriter:
@@ -137,14 +150,58 @@ class LatentFile:
         return self.shape()[0]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Frames start..stop-1, copied out of a memory map that is closed again before returning."""
+        """Frames start..stop-1 (clamped to the tensor, like a slice), read into a new tensor."""
+        return self._read([(start, stop)])
+
+    def _layout(self) -> _Layout:
+        """Where the rows are: safetensors validates the header against the file, then its offsets."""
         try:
             with safe_open(self.path, framework="pt") as f:
+                if self.name not in f.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
+                    raise SpecError(f"{self.path.name} holds no tensor {self.name!r}")
                 part = f.get_slice(self.name)
-                out = part[start:stop] if self.index is None else part[self.index, start:stop]
-        except (SafetensorError, OSError) as exc:
+                shape, dtype_name = tuple(part.get_shape()), part.get_dtype()
+            with open(self.path, "rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                begin = int(json.loads(fh.read(header_len))[self.name]["data_offsets"][0])
+        except (SafetensorError, OSError, ValueError, KeyError, struct.error) as exc:
             raise SpecError(f"cannot read {self.path.name}: {exc}") from exc
-        return out.contiguous()
+        dtype = _TORCH_DTYPES.get(dtype_name)
+        if dtype is None or not shape:
+            raise SpecError(f"{self.path.name}: {self.name} is a {dtype_name} tensor of shape {list(shape)}")
+        start = 8 + header_len + begin
+        if self.index is not None:
+            if len(shape) < 2 or not 0 <= self.index < shape[0]:
+                raise SpecError(f"{self.path.name}: {self.name} has no row {self.index}")
+            shape = shape[1:]
+            start += self.index * math.prod(shape) * dtype.itemsize
+        row_shape = tuple(int(v) for v in shape[1:])
+        return _Layout(start, math.prod(row_shape) * dtype.itemsize, int(shape[0]), row_shape, dtype)
+
+    def _read(self, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """These row ranges, in order, read straight into one new tensor at their file offsets.
+
+        Exactly the asked-for bytes are read (``os.preadv`` into the tensor's memory). Not a memory
+        map: reading a clip's keyframes (every 8th row) through one pulled the whole file in by
+        read-ahead, and safetensors' slices are views that keep their map resident, which at thousands
+        of frames made a transient of several times the file's size, growing with the clip.
+        """
+        layout = self._layout()
+        runs = [(min(max(a, 0), layout.rows), min(max(b, 0), layout.rows)) for a, b in runs]
+        runs = [(a, max(a, b)) for a, b in runs]
+        out = torch.empty((sum(b - a for a, b in runs), *layout.row_shape), dtype=layout.dtype)
+        buffer = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        pos = 0
+        with open(self.path, "rb", buffering=0) as fh:
+            for a, b in runs:
+                want, offset = (b - a) * layout.row_bytes, layout.start + a * layout.row_bytes
+                end = pos + want
+                while pos < end:
+                    got = os.preadv(fh.fileno(), [buffer[pos:end]], offset)
+                    if got <= 0:
+                        raise SpecError(f"cannot read {self.path.name}: the file ends before its data does")
+                    pos, offset = pos + got, offset + got
+        return out
 
     def full(self) -> torch.Tensor:
         return self.rows(0, len(self))
@@ -165,5 +222,4 @@ class LatentFile:
                 runs[-1] = (runs[-1][0], i + 1)
             else:
                 runs.append((i, i + 1))
-        parts = [self.rows(a, b) for a, b in runs]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._read(runs)
