@@ -164,6 +164,7 @@ def server_edit(r: Run, tmp: Path) -> dict[str, Any]:
     command = [
         *_cli(), "serve", "--services=all", "--model=tiny", "--host=127.0.0.1",
         f"--port={port}", f"--cache-dir={cache}", "--metrics-port=-1",
+        "--max-connection-age-seconds=0",  # one Edit stream of a 2,048-frame clip outlasts age + grace
     ]  # fmt: skip
     server = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(r.threads),
