@@ -133,18 +133,8 @@ class LatentFile:
 
     def shape(self) -> tuple[int, ...]:
         """The tensor's shape from the header alone (no data is read)."""
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                if self.name not in f.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
-                    raise SpecError(f"{self.path.name} holds no tensor {self.name!r}")
-                shape = tuple(f.get_slice(self.name).get_shape())
-        except (SafetensorError, OSError) as exc:
-            raise SpecError(f"{self.path.name} is not a readable safetensors file: {exc}") from exc
-        if self.index is None:
-            return shape
-        if not shape or not 0 <= self.index < shape[0]:
-            raise SpecError(f"{self.path.name}: {self.name} has no row {self.index}")
-        return shape[1:]
+        layout = self._layout()
+        return (layout.rows, *layout.row_shape)
 
     def __len__(self) -> int:
         return self.shape()[0]
@@ -154,7 +144,8 @@ class LatentFile:
         return self._read([(start, stop)])
 
     def _layout(self) -> _Layout:
-        """Where the rows are: safetensors validates the header against the file, then its offsets."""
+        """Where the rows are (and the shape): safetensors validates the header against the file, then
+        its offsets are read; the one place a latents file's header is checked."""
         try:
             with safe_open(self.path, framework="pt") as f:
                 if self.name not in f.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
@@ -165,7 +156,7 @@ class LatentFile:
                 (header_len,) = struct.unpack("<Q", fh.read(8))
                 begin = int(json.loads(fh.read(header_len))[self.name]["data_offsets"][0])
         except (SafetensorError, OSError, ValueError, KeyError, struct.error) as exc:
-            raise SpecError(f"cannot read {self.path.name}: {exc}") from exc
+            raise SpecError(f"{self.path.name} is not a readable safetensors file: {exc}") from exc
         dtype = _TORCH_DTYPES.get(dtype_name)
         if dtype is None or not shape:
             raise SpecError(f"{self.path.name}: {self.name} is a {dtype_name} tensor of shape {list(shape)}")
