@@ -4,7 +4,9 @@ Every call can carry a deadline (the client's `timeout`, overridable per call); 
 events to an optional `on_event` callback and return the final `Result` message. Any gRPC failure is
 raised as `ClientError` with the server's status code and message, so callers never handle raw
 `grpc.RpcError`s. If a callback raises (or the caller is interrupted), the running call is cancelled,
-which lets the server drop a job nobody waits for.
+which lets the server drop a job nobody waits for. A job's stream that is cut (UNAVAILABLE: a server's
+connection age, a restart behind a load balancer) is sent again and re-attaches to the same job, so a
+long edit survives its connections.
 
 Only grpc, grpc-health-checking, grpcio-status (with googleapis-common-protos) and the generated
 ``tokenflow_pb`` code are imported here.
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import mimetypes
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -28,7 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from clients.channels import channel_credentials, make_channel, unary_methods_of
+from clients.channels import RETRY, channel_credentials, make_channel, unary_methods_of
 from tokenflow_pb.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -79,6 +83,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 STAGES = ("inversion", "keyframes", "propagation")
+REATTACH_ATTEMPTS = 5
+"""Re-sends of a job call whose stream was cut (UNAVAILABLE), in a row without a message between."""
+_REATTACH_REASONS = ("", "SHUTTING_DOWN")
+"""The UNAVAILABLE worth re-sending: a cut without the server's details (its connection age, a reset, a
+restart) or a draining replica (another one takes the job). The others (STAGE_UNAVAILABLE,
+STORE_UNAVAILABLE) come after the server's own retries and failover; the caller decides on those."""
 TOKEN_ENV = "TOKENFLOW_TOKEN"
 """The environment variable a client reads its bearer token from when none is passed."""
 _API_FILES = (
@@ -90,6 +100,8 @@ _API_FILES = (
     server_info_pb2.DESCRIPTOR,
 )
 _HEALTH_SERVICE = "grpc.health.v1.Health"
+
+log = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -627,16 +639,14 @@ class TokenFlowClient:
             keyframes_only=keyframes_only,
         )
         results: dict[int, common_pb2.Result] = {}
-        with _translate_errors():
-            call = self._editor.Edit(request, timeout=self._timeout(timeout))
-            try:
-                for event in call:
-                    if on_event is not None:
-                        on_event(event)
-                    if event.edit_index >= 0 and event.WhichOneof("event") == "result":
-                        results[event.edit_index] = event.result
-            finally:
-                call.cancel()
+
+        def on_message(event: editor_pb2.EditResponse) -> None:
+            if on_event is not None:
+                on_event(event)
+            if event.edit_index >= 0 and event.WhichOneof("event") == "result":
+                results[event.edit_index] = event.result
+
+        _follow_job(self._editor.Edit, request, self._timeout(timeout), on_message)
         missing = [i for i in range(len(specs)) if i not in results]
         if missing:
             raise ClientError(
@@ -723,19 +733,72 @@ def _run_job(
 ) -> common_pb2.Result:
     """Call a stage's streaming job method; feed events to `on_event`; return the final Result."""
     result: common_pb2.Result | None = None
-    with _translate_errors():
-        call = method(request, timeout=timeout)
-        try:
-            for event in call:
-                if on_event is not None:
-                    on_event(event)
-                if event.WhichOneof("event") == "result":
-                    result = event.result
-        finally:
-            call.cancel()
+
+    def on_message(event: Any) -> None:
+        nonlocal result
+        if on_event is not None:
+            on_event(event)
+        if event.WhichOneof("event") == "result":
+            result = event.result
+
+    _follow_job(method, request, timeout, on_message)
     if result is None:
         raise ClientError(grpc.StatusCode.INTERNAL, "the job stream ended without a result")
     return result
+
+
+def _follow_job(
+    method: Callable[..., Any], request: Any, timeout: float | None, on_message: Callable[[Any], None]
+) -> None:
+    """Stream a job call's messages to `on_message`, re-sending the request when the stream is cut.
+
+    Why: a job's stream outlives connections. A server closes every connection after its
+    ``--max-connection-age-seconds`` plus a grace, a load balancer or a replica's restart drops it, and
+    gRPC's own retries (clients/channels.py) stop once a stream is under way. The job itself goes on: a
+    job's id is the content address of its result, so the same request re-attaches to the running job
+    (or returns its stored result) as long as it comes back within the server's job grace
+    (``--job-grace-seconds``, 120 s by default). So on UNAVAILABLE the request is sent again, after
+    the channel's backoff, at most `REATTACH_ATTEMPTS` times in a row without a message in between;
+    the caller's deadline bounds it all. Any other status, or an exception of `on_message`, ends the
+    call (cancelling it, so the server can drop a job nobody waits for).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failures = 0
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        call = method(request, timeout=remaining)
+        received = False
+        try:
+            for message in call:
+                received = True
+                on_message(message)
+            return
+        except grpc.RpcError as e:
+            error = ClientError.from_rpc_error(e)
+            failures = 0 if received else failures
+            backoff = max(
+                error.retry_delay or 0.0,
+                min(
+                    RETRY.max_backoff_seconds,
+                    RETRY.initial_backoff_seconds * RETRY.backoff_multiplier**failures,
+                ),
+            )
+            left = None if deadline is None else deadline - time.monotonic()
+            if (
+                error.code != grpc.StatusCode.UNAVAILABLE
+                or error.reason not in _REATTACH_REASONS
+                or failures >= REATTACH_ATTEMPTS
+                or (left is not None and left <= backoff)
+            ):
+                raise error from None
+            failures += 1
+            log.warning(
+                "the job stream was cut (%s); re-attaching in %.1f s (attempt %d of %d)",
+                error.message or "unavailable", backoff, failures, REATTACH_ATTEMPTS,
+            )  # fmt: skip
+            time.sleep(backoff)
+        finally:
+            call.cancel()  # no-op when the stream has ended; stops the server's job otherwise
 
 
 def operation_name(name_or_digest: str) -> str:

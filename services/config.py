@@ -28,26 +28,19 @@ SERVICES: tuple[str, ...] = (*STAGES, "editor", "artifacts")
 DEFAULT_CACHE_DIR = Path("~/.cache/tokenflow-service").expanduser()
 GiB = 1 << 30
 
+_SIZE_UNITS: tuple[tuple[str, int], ...] = (
+    ("kB", 10**3), ("KiB", 1 << 10), ("MB", 10**6), ("MiB", 1 << 20),
+    ("GB", 10**9), ("GiB", 1 << 30), ("TB", 10**12), ("TiB", 1 << 40),
+)  # fmt: skip
+"""The size units, spelt as `format_size` writes them: kB (10^3), KiB (2^10), ... TB, TiB."""
 _UNITS: dict[str, int] = {
     "": 1,
     "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-    "ki": 1 << 10,
-    "mi": 1 << 20,
-    "gi": 1 << 30,
-    "ti": 1 << 40,
+    **{unit.lower(): factor for unit, factor in _SIZE_UNITS},
+    **{unit[0].lower(): factor for unit, factor in _SIZE_UNITS if not unit.endswith("iB")},
+    **{unit[:2].lower(): factor for unit, factor in _SIZE_UNITS if unit.endswith("iB")},
 }
+"""What `parse_size` reads, case-insensitively: those units, k/M/G/T alone, Kubernetes' Ki/Mi/Gi/Ti."""
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
@@ -341,8 +334,7 @@ def config_defaults() -> dict[str, Any]:
 
 def format_size(n: int) -> str:
     """The shortest exact spelling of a size that parse_size reads back: 20GB, 8GiB, 1048576."""
-    for unit, factor in (("TiB", 1 << 40), ("TB", 10**12), ("GiB", 1 << 30), ("GB", 10**9), ("MiB", 1 << 20),
-                         ("MB", 10**6), ("KiB", 1 << 10), ("kB", 10**3)):  # fmt: skip
+    for unit, factor in sorted(_SIZE_UNITS, key=lambda u: u[1], reverse=True):
         if n and n % factor == 0:
             return f"{n // factor}{unit}"
     return str(n)

@@ -366,6 +366,70 @@ def test_stage_calls_through_the_library(target: str, clip: Path) -> None:
         assert same.digest == result.digest and same.cache_hit
 
 
+def serving(client: TokenFlowClient, *services: str) -> bool:
+    """Every one of `services` reports SERVING (a health check cut by a connection's age: not yet)."""
+    try:
+        return all(client.health(service) == "SERVING" for service in services)
+    except ClientError:
+        return False
+
+
+def test_an_edit_outlives_the_connections_it_streams_over(tmp_path: Path, caplog: Any) -> None:
+    """A server that closes every connection after 1 s (GOAWAY, then 0.5 s of grace) cuts an edit's
+    stream many times; the client re-sends the same request, which re-attaches to the running jobs, so
+    the edit completes and every stage job is computed once (Prometheus: one job per stage, none
+    cancelled)."""
+    import logging
+    import time
+
+    from test_e2e_services import metric, scrape
+
+    from services.config import ServerConfig
+    from services.server import build_server
+    from tokenflow.synthetic import make_clip
+
+    frames = 12
+    video = make_clip(tmp_path / "clip.mp4", frames=frames, size=(64, 64), fps=8, audio=False)
+    config = ServerConfig(
+        services="all",
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        cache_dir=tmp_path / "cache",
+        cache_size_bytes=1 << 30,
+        model="tiny",
+        job_grace_seconds=60,
+        max_connection_age_seconds=1.0,
+        max_connection_age_grace_seconds=0.5,
+    )
+    running = build_server(config)
+    try:
+        with caplog.at_level(logging.WARNING, logger="clients.client"):
+            with TokenFlowClient(f"127.0.0.1:{running.port}", timeout=600) as client:
+                deadline = time.monotonic() + 300  # the model loads in the background
+                while not serving(client, "tokenflow.v1.Editor", "tokenflow.v1.Propagation"):
+                    assert time.monotonic() < deadline, "the server never became SERVING"
+                    time.sleep(0.1)
+                (result,) = client.edit(
+                    video,
+                    "a cat",
+                    decode=decode_spec(size=(64, 64)),
+                    inversion=inversion_spec(steps=8, edit_steps=4, reconstruct=False),
+                )
+        assert kind_name(result.kind) == "propagation" and result.propagation.frames == frames
+        assert any("re-attaching" in r.getMessage() for r in caplog.records), "no stream was ever cut"
+        samples = scrape(running.metrics_port or 0)
+        for stage in ("inversion", "propagation"):
+            computed = sum(
+                v for (name, labels), v in samples.items()
+                if name == "tokenflow_jobs_total" and ("stage", stage) in labels
+            )  # fmt: skip
+            assert computed == 1, f"{stage}: {computed} jobs computed (a cut stream restarted the job)"
+            assert metric(samples, "tokenflow_jobs_total", stage=stage, outcome="ok") == 1
+    finally:
+        running.stop(grace=0)
+
+
 def test_spec_builders_leave_unset_fields_unset() -> None:
     spec = edit_spec("a cat")
     for name in ("negative_prompt", "guidance_scale", "pnp_attn_t", "pnp_f_t", "keyframe_interval", "crf"):

@@ -8,6 +8,7 @@ and the stages as separate OS processes sharing one cache directory.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 import urllib.request
@@ -268,10 +269,17 @@ def test_editor_cancels_the_stage_call_when_the_caller_leaves(scripted: Scripted
     assert scripted.requests("cancelled") == 1
 
 
-def test_editor_reports_unreachable_stages_as_unavailable() -> None:
+def test_editor_reports_unreachable_stages_as_unavailable(caplog: pytest.LogCaptureFixture) -> None:
+    """STAGE_UNAVAILABLE comes after the Editor's own wait and failover: the client passes it on at once
+    instead of re-sending the edit (it re-sends only cut streams and draining replicas)."""
     metrics = Metrics()
     editor = EditorServicer(
-        "127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", None, metrics, stage_wait_seconds=1.0  # type: ignore[arg-type]
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+        None,
+        metrics,
+        stage_wait_seconds=1.0,  # type: ignore[arg-type]
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(metrics)])
     add_to_server(server, editor)
@@ -279,8 +287,9 @@ def test_editor_reports_unreachable_stages_as_unavailable() -> None:
     server.start()
     try:
         with TokenFlowClient(f"127.0.0.1:{port}", timeout=10) as client:
-            with pytest.raises(ClientError) as info:
+            with pytest.raises(ClientError) as info, caplog.at_level(logging.WARNING, "clients.client"):
                 client.edit(VIDEO, "a cat")
+        assert not [r for r in caplog.records if "re-attaching" in r.getMessage()]
         error = info.value
         assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "STAGE_UNAVAILABLE"
         assert error.retryable and error.metadata == {"stage": "inversion"}
@@ -346,16 +355,12 @@ class Recorder:
 
     def inversion_result(self) -> common_pb2.Result:
         (result,) = [
-            e.result
-            for e in self.events
-            if e.edit_index == -1 and e.WhichOneof("event") == "result"
+            e.result for e in self.events if e.edit_index == -1 and e.WhichOneof("event") == "result"
         ]
         return result
 
     def progress(self, index: int) -> list[common_pb2.Progress]:
-        return [
-            e.progress for e in self.events if e.edit_index == index and e.HasField("progress")
-        ]
+        return [e.progress for e in self.events if e.edit_index == index and e.HasField("progress")]
 
 
 def check_video(client: TokenFlowClient, result: common_pb2.Result, dest: Path) -> None:
