@@ -375,7 +375,7 @@ def serving(client: TokenFlowClient, *services: str) -> bool:
 
 
 def test_an_edit_outlives_the_connections_it_streams_over(tmp_path: Path, caplog: Any) -> None:
-    """A server that closes every connection after 1 s (GOAWAY, then 0.5 s of grace) cuts an edit's
+    """A server that closes every connection after 0.5 s (GOAWAY, then 0.25 s of grace) cuts an edit's
     stream many times; the client re-sends the same request, which re-attaches to the running jobs, so
     the edit completes and every stage job is computed once (Prometheus: one job per stage, none
     cancelled)."""
@@ -399,8 +399,8 @@ def test_an_edit_outlives_the_connections_it_streams_over(tmp_path: Path, caplog
         cache_size_bytes=1 << 30,
         model="tiny",
         job_grace_seconds=60,
-        max_connection_age_seconds=1.0,
-        max_connection_age_grace_seconds=0.5,
+        max_connection_age_seconds=0.5,
+        max_connection_age_grace_seconds=0.25,
     )
     running = build_server(config)
     try:
