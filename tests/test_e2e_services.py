@@ -277,9 +277,9 @@ def test_editor_reports_unreachable_stages_as_unavailable(caplog: pytest.LogCapt
         "127.0.0.1:1",
         "127.0.0.1:1",
         "127.0.0.1:1",
-        None,
+        None,  # type: ignore[arg-type]
         metrics,
-        stage_wait_seconds=1.0,  # type: ignore[arg-type]
+        stage_wait_seconds=1.0,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(metrics)])
     add_to_server(server, editor)
