@@ -19,7 +19,8 @@ on this module), so the two cannot drift apart:
   retry goes to another replica. A retry budget (``retryThrottling``) stops retries from multiplying the
   load of a struggling fleet. Once a stream has delivered a message gRPC no longer retries it: the
   Editor's failover (services/editor.py) takes over there, and the client re-sends a job call whose
-  stream was cut, which re-attaches to the running job (clients/client.py, `REATTACH_ATTEMPTS`).
+  stream was cut, which re-attaches to the running job, and a download from the bytes it has
+  (clients/client.py, `REATTACH_ATTEMPTS`).
 - **TLS and a bearer token (optional).** `channel_credentials` reads a CA bundle (and a client
   certificate and key for mutual TLS); `token` adds ``authorization: Bearer <token>`` to every call
   through a client interceptor, so it works on TLS and plaintext channels alike (gRPC's call credentials

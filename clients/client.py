@@ -6,7 +6,7 @@ raised as `ClientError` with the server's status code and message, so callers ne
 `grpc.RpcError`s. If a callback raises (or the caller is interrupted), the running call is cancelled,
 which lets the server drop a job nobody waits for. A job's stream that is cut (UNAVAILABLE: a server's
 connection age, a restart behind a load balancer) is sent again and re-attaches to the same job, so a
-long edit survives its connections.
+long edit survives its connections; a cut download goes on from the bytes it has.
 
 Only grpc, grpc-health-checking, grpcio-status (with googleapis-common-protos) and the generated
 ``tokenflow_pb`` code are imported here.
@@ -469,49 +469,75 @@ class TokenFlowClient:
         If `dest_path` is an existing directory, the server's suggested file name is used inside it.
         The bytes go to a temporary file next to the destination, are checked against the header's
         size and sha256, and only then renamed into place: a failed download leaves nothing behind.
+        A stream cut on the way (UNAVAILABLE: a connection's age, a restart) goes on from the bytes
+        received, with ``DownloadRequest.offset``, as a job's stream re-attaches (`_follow_stream`).
         """
         dest = Path(dest_path)
-        request = artifacts_pb2.DownloadRequest(digest=digest, name=name)
+        header: artifacts_pb2.DownloadHeader | None = None
+        out: Any = None  # the part file, open once the first header named the destination
         tmp_path: Path | None = None
-        with _translate_errors():
-            call = self._artifacts.Download(request, timeout=self._timeout(timeout))
-            try:
-                first = next(call, None)
-                if first is None or first.WhichOneof("payload") != "header":
+        sha = hashlib.sha256()
+        received = 0
+        expect_header = True
+
+        def request() -> artifacts_pb2.DownloadRequest:
+            nonlocal expect_header
+            expect_header = True  # every attempt's stream starts with a header
+            return artifacts_pb2.DownloadRequest(digest=digest, name=name, offset=received)
+
+        def on_message(message: artifacts_pb2.DownloadResponse) -> None:
+            nonlocal header, out, tmp_path, received, expect_header, dest
+            if expect_header:
+                if message.WhichOneof("payload") != "header":
                     raise ClientError(grpc.StatusCode.INTERNAL, "the download did not start with a header")
-                header = first.header
-                if dest.is_dir():
-                    dest = dest / _safe_filename(header.filename or header.name or digest)
-                fd, tmp_path = _create_part_file(dest)
-                sha = hashlib.sha256()
-                received = 0
-                with os.fdopen(fd, "wb") as out:
-                    for message in call:
-                        if message.WhichOneof("payload") != "chunk":
-                            continue
-                        out.write(message.chunk)
-                        sha.update(message.chunk)
-                        received += len(message.chunk)
-                        if progress is not None:
-                            progress(received, header.size)
-                if received != header.size:
+                expect_header = False
+                again = message.header
+                if header is None:
+                    header = again
+                    if dest.is_dir():
+                        dest = dest / _safe_filename(header.filename or header.name or digest)
+                    fd, tmp_path = _create_part_file(dest)
+                    out = os.fdopen(fd, "wb")
+                elif (again.size, again.sha256, again.offset) != (header.size, header.sha256, received):
                     raise ClientError(
                         grpc.StatusCode.DATA_LOSS,
-                        f"download of {digest}/{header.name} ended after {received} of {header.size} bytes",
+                        f"the resumed download of {digest}/{header.name} is not the file it started "
+                        f"(size {again.size}, sha256 {again.sha256}, offset {again.offset}); retry",
                     )
-                if header.sha256 and sha.hexdigest() != header.sha256:
-                    raise ClientError(
-                        grpc.StatusCode.DATA_LOSS,
-                        f"download of {digest}/{header.name} does not match its sha256 "
-                        f"({sha.hexdigest()} != {header.sha256}); nothing was written, retry",
-                    )
-                os.replace(tmp_path, dest)
-                tmp_path = None
-                return dest
-            finally:
-                call.cancel()  # no-op when the stream has finished; stops the server otherwise
-                if tmp_path is not None:
-                    tmp_path.unlink(missing_ok=True)
+                return
+            if message.WhichOneof("payload") != "chunk":
+                return
+            out.write(message.chunk)
+            sha.update(message.chunk)
+            received += len(message.chunk)
+            if progress is not None:
+                progress(received, header.size if header is not None else 0)
+
+        try:
+            _follow_stream(self._artifacts.Download, request, self._timeout(timeout), on_message)
+            if out is not None:
+                out.close()
+            if header is None or tmp_path is None:
+                raise ClientError(grpc.StatusCode.INTERNAL, "the download did not start with a header")
+            if received != header.size:
+                raise ClientError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"download of {digest}/{header.name} ended after {received} of {header.size} bytes",
+                )
+            if header.sha256 and sha.hexdigest() != header.sha256:
+                raise ClientError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"download of {digest}/{header.name} does not match its sha256 "
+                    f"({sha.hexdigest()} != {header.sha256}); nothing was written, retry",
+                )
+            os.replace(tmp_path, dest)
+            tmp_path = None
+            return dest
+        finally:
+            if out is not None:
+                out.close()
+            if tmp_path is not None:
+                tmp_path.unlink(missing_ok=True)
 
     def stat(self, digest: str, timeout: float | None = None) -> artifacts_pb2.Artifact:
         """Describe an artifact (kind, files, metadata JSON) without transferring it (Artifacts.Get)."""
@@ -646,7 +672,7 @@ class TokenFlowClient:
             if event.edit_index >= 0 and event.WhichOneof("event") == "result":
                 results[event.edit_index] = event.result
 
-        _follow_job(self._editor.Edit, request, self._timeout(timeout), on_message)
+        _follow_stream(self._editor.Edit, lambda: request, self._timeout(timeout), on_message)
         missing = [i for i in range(len(specs)) if i not in results]
         if missing:
             raise ClientError(
@@ -741,32 +767,37 @@ def _run_job(
         if event.WhichOneof("event") == "result":
             result = event.result
 
-    _follow_job(method, request, timeout, on_message)
+    _follow_stream(method, lambda: request, timeout, on_message)
     if result is None:
         raise ClientError(grpc.StatusCode.INTERNAL, "the job stream ended without a result")
     return result
 
 
-def _follow_job(
-    method: Callable[..., Any], request: Any, timeout: float | None, on_message: Callable[[Any], None]
+def _follow_stream(
+    method: Callable[..., Any],
+    request_for: Callable[[], Any],
+    timeout: float | None,
+    on_message: Callable[[Any], None],
 ) -> None:
-    """Stream a job call's messages to `on_message`, re-sending the request when the stream is cut.
+    """Stream a call's messages to `on_message`, sending it again when the stream is cut.
 
     Why: a job's stream outlives connections. A server closes every connection after its
     ``--max-connection-age-seconds`` plus a grace, a load balancer or a replica's restart drops it, and
     gRPC's own retries (clients/channels.py) stop once a stream is under way. The job itself goes on: a
     job's id is the content address of its result, so the same request re-attaches to the running job
     (or returns its stored result) as long as it comes back within the server's job grace
-    (``--job-grace-seconds``, 120 s by default). So on UNAVAILABLE the request is sent again, after
-    the channel's backoff, at most `REATTACH_ATTEMPTS` times in a row without a message in between;
-    the caller's deadline bounds it all. Any other status, or an exception of `on_message`, ends the
-    call (cancelling it, so the server can drop a job nobody waits for).
+    (``--job-grace-seconds``, 120 s by default). A download is content-addressed too, so it goes on
+    from the bytes it has (``DownloadRequest.offset``). So on UNAVAILABLE the request `request_for()`
+    builds (called before every attempt) is sent again, after the channel's backoff, at most
+    `REATTACH_ATTEMPTS` times in a row without a message in between; the caller's deadline bounds it
+    all. Any other status, or an exception of `on_message`, ends the call (cancelling it, so the server
+    can drop a job nobody waits for).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     failures = 0
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
-        call = method(request, timeout=remaining)
+        call = method(request_for(), timeout=remaining)
         received = False
         try:
             for message in call:
@@ -793,7 +824,7 @@ def _follow_job(
                 raise error from None
             failures += 1
             log.warning(
-                "the job stream was cut (%s); re-attaching in %.1f s (attempt %d of %d)",
+                "the stream was cut (%s); re-attaching in %.1f s (attempt %d of %d)",
                 error.message or "unavailable", backoff, failures, REATTACH_ATTEMPTS,
             )  # fmt: skip
             time.sleep(backoff)

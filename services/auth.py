@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 
 from services.errors import PermissionDenied, Unauthenticated, status_for
+from services.handlers import behaviour_of, rewrapped, split_method
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        service, _ = split_method(handler_call_details.method)
         if service in EXEMPT_SERVICES:
             return handler
         try:
@@ -251,30 +252,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _as_principal(handler, principal, self._check_request)
 
 
-def _handler_kwargs(handler: grpc.RpcMethodHandler) -> dict[str, Any]:
-    return {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-
-
-def _factory(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(the handler's behaviour, the grpc constructor of a handler of the same kind)."""
-    if handler.request_streaming and handler.response_streaming:
-        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    if handler.request_streaming:
-        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    if handler.response_streaming:
-        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
-
-
 def _refusing(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
     """A handler of the same kind that ends the call with `error`'s status (with its details)."""
     from grpc_status import rpc_status
 
     status = rpc_status.to_status(status_for(error))
-    _, make = _factory(handler)
 
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(status)
@@ -283,8 +265,7 @@ def _refusing(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMetho
         context.abort_with_status(status)
         yield  # pragma: no cover - abort raises
 
-    behaviour = refuse_stream if handler.response_streaming else refuse
-    return make(behaviour, **_handler_kwargs(handler))
+    return rewrapped(handler, refuse_stream if handler.response_streaming else refuse)
 
 
 def _as_principal(
@@ -297,7 +278,7 @@ def _as_principal(
     The variable is set around each step (the call, and every `next` of a response stream) and reset
     right after, so it never outlives the step on grpc's pooled threads.
     """
-    behaviour, make = _factory(handler)
+    behaviour = behaviour_of(handler)
     check = check_request if not handler.request_streaming else None
 
     if not handler.response_streaming:
@@ -311,7 +292,7 @@ def _as_principal(
             finally:
                 _current.reset(token)
 
-        return make(unary, **_handler_kwargs(handler))
+        return rewrapped(handler, unary)
 
     def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         token = _current.set(principal)
@@ -340,4 +321,4 @@ def _as_principal(
                 finally:
                     _current.reset(token)
 
-    return make(streaming, **_handler_kwargs(handler))
+    return rewrapped(handler, streaming)

@@ -29,6 +29,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.handlers import split_method, wrapped
 from services.jobs import QueueFull, ShuttingDown
 from services.limits import ServerBusy, UploadStalled
 from services.metrics import Metrics, outcome_of
@@ -318,11 +319,6 @@ def _service_label(service: str) -> str:
     return service.rsplit(".", 1)[-1].lower()
 
 
-def _split(full_method: str) -> tuple[str, str]:
-    parts = full_method.lstrip("/").split("/", 1)
-    return (parts[0], parts[1]) if len(parts) == 2 else ("unknown", full_method or "unknown")
-
-
 def _gone_outcome(context: grpc.ServicerContext) -> str:
     """Why a caller left before the end: its deadline passed, or it cancelled / disconnected."""
     try:
@@ -374,27 +370,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service, method = _split(handler_call_details.method)
+        service, method = split_method(handler_call_details.method)
         if not service.startswith(DOMAIN + ".") and service not in IMPLEMENTED_STANDARD_SERVICES:
             return handler
         label = _service_label(service)
-        kwargs: dict[str, Any] = {
-            "request_deserializer": _tolerant(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, label, method), **kwargs
-            )
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, label, method), **kwargs
-            )
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, label, method), **kwargs
-            )
-        return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, label, method), **kwargs)
+        return wrapped(
+            handler,
+            lambda behaviour: self._unary(behaviour, label, method),
+            lambda behaviour: self._streaming(behaviour, label, method),
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
 
     def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:

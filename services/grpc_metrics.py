@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from services.handlers import split_method, wrapped
 from services.metrics import Metrics
 
 __all__ = ["PrometheusServerInterceptor"]
@@ -31,14 +32,6 @@ _UNARY = "unary"
 _CLIENT_STREAM = "client_stream"
 _SERVER_STREAM = "server_stream"
 _BIDI_STREAM = "bidi_stream"
-
-
-def _split_method(full_method: str) -> tuple[str, str]:
-    """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
-    parts = full_method.lstrip("/").split("/", 1)
-    if len(parts) != 2:
-        return "unknown", full_method or "unknown"
-    return parts[0], parts[1]
 
 
 def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
@@ -136,23 +129,13 @@ class PrometheusServerInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return None
-        service, method = _split_method(handler_call_details.method)
+        service, method = split_method(handler_call_details.method)
         labels = (_rpc_type(handler), service, method)
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, labels), **kwargs
-            )
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, labels), **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, labels), **kwargs
-            )
-        return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, labels), **kwargs)
+        return wrapped(
+            handler,
+            lambda behaviour: self._unary(behaviour, labels),
+            lambda behaviour: self._streaming(behaviour, labels),
+        )
 
     def _begin(
         self, labels: tuple[str, str, str], request: Any, context: grpc.ServicerContext

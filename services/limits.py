@@ -30,6 +30,8 @@ from typing import Any
 
 import grpc
 
+from services.handlers import split_method, wrapped
+
 log = logging.getLogger(__name__)
 
 COUNTED_PREFIXES = ("tokenflow.v1.", "google.longrunning.")
@@ -69,10 +71,6 @@ class UploadStalled(Exception):
         self.limit = limit
 
 
-def _service_of(method: str) -> str:
-    return method.lstrip("/").split("/", 1)[0]
-
-
 class ConcurrencyLimiter(grpc.ServerInterceptor):
     """Refuses our RPCs beyond `limit` in flight (see the module docstring).
 
@@ -109,28 +107,10 @@ class ConcurrencyLimiter(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        service = _service_of(handler_call_details.method)
+        service, _ = split_method(handler_call_details.method)
         if handler is None or not service.startswith(COUNTED_PREFIXES) or service in EXEMPT_SERVICES:
             return handler
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.response_streaming:
-            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return factory(self._streaming(behavior), **kwargs)
-        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-        factory = (
-            grpc.stream_unary_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        return factory(self._unary(behavior), **kwargs)
+        return wrapped(handler, self._unary, self._streaming)
 
     def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:

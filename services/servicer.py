@@ -128,9 +128,7 @@ class StageServicer:
 
     # -- request flow --------------------------------------------------------------------------------------
 
-    def stream(
-        self, method: str, context: grpc.ServicerContext, plan: Callable[[], Plan]
-    ) -> Iterator[Any]:
+    def stream(self, method: str, context: grpc.ServicerContext, plan: Callable[[], Plan]) -> Iterator[Any]:
         """Run the request flow of the module docstring, yielding `response_type` events.
 
         Errors are raised; services.errors.ErrorInterceptor turns them into statuses and records the

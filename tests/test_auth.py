@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loopback import tiny_server_config
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from services.access import INPUT_FIELDS, PUBLIC_META
@@ -153,21 +154,8 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp: Path, services: str, **kw: Any) -> ServerConfig:
-    base: dict[str, Any] = {
-        "services": services,
-        "host": "127.0.0.1",
-        "port": 0,
-        "metrics_port": None,
-        "cache_dir": tmp / "cache",
-        "cache_size_bytes": 1 << 30,
-        "model": "tiny",
-        "device": "cpu",
-        "dtype": "float32",
-        "job_grace_seconds": 5,
-        "max_connection_age_seconds": None,
-    }
-    base.update(kw)
-    return ServerConfig(**base)
+    base: dict[str, Any] = {"dtype": "float32", "job_grace_seconds": 5, "max_connection_age_seconds": None}
+    return tiny_server_config(tmp / "cache", **(base | {"services": services} | kw))
 
 
 @pytest.fixture(scope="module")

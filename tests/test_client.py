@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from loopback import metric, scrape, tiny_server_config
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients.cli import main
@@ -28,20 +29,9 @@ FAST = ["--size", "64x64", "--steps", "2", "--inversion-steps", "4", "--no-recon
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from services.config import ServerConfig
     from services.server import build_server
 
-    config = ServerConfig(
-        services="all",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        cache_size_bytes=2 << 30,
-        model="tiny",
-        job_grace_seconds=5,
-    )
-    running = build_server(config)
+    running = build_server(tiny_server_config(tmp_path_factory.mktemp("cache"), job_grace_seconds=5))
     yield running
     running.stop(grace=0)
 
@@ -382,22 +372,14 @@ def test_an_edit_outlives_the_connections_it_streams_over(tmp_path: Path, caplog
     import logging
     import time
 
-    from test_e2e_services import metric, scrape
-
-    from services.config import ServerConfig
     from services.server import build_server
     from tokenflow.synthetic import make_clip
 
     frames = 12
     video = make_clip(tmp_path / "clip.mp4", frames=frames, size=(64, 64), fps=8, audio=False)
-    config = ServerConfig(
-        services="all",
-        host="127.0.0.1",
-        port=0,
+    config = tiny_server_config(
+        tmp_path / "cache",
         metrics_port=0,
-        cache_dir=tmp_path / "cache",
-        cache_size_bytes=1 << 30,
-        model="tiny",
         job_grace_seconds=60,
         max_connection_age_seconds=0.5,
         max_connection_age_grace_seconds=0.25,
@@ -420,12 +402,50 @@ def test_an_edit_outlives_the_connections_it_streams_over(tmp_path: Path, caplog
         assert any("re-attaching" in r.getMessage() for r in caplog.records), "no stream was ever cut"
         samples = scrape(running.metrics_port or 0)
         for stage in ("inversion", "propagation"):
-            computed = sum(
-                v for (name, labels), v in samples.items()
-                if name == "tokenflow_jobs_total" and ("stage", stage) in labels
-            )  # fmt: skip
+            computed = metric(samples, "tokenflow_jobs_total", stage=stage)  # every outcome
             assert computed == 1, f"{stage}: {computed} jobs computed (a cut stream restarted the job)"
             assert metric(samples, "tokenflow_jobs_total", stage=stage, outcome="ok") == 1
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_download_goes_on_from_the_bytes_it_has_when_its_stream_is_cut(tmp_path: Path, caplog: Any) -> None:
+    """A 24 MiB download read slowly (about 2 s) from a server that closes every connection after 0.5 s
+    (GOAWAY, then 0.25 s of grace) is cut; the client asks again from the bytes it has (the request's
+    offset), so the file arrives whole, matches its sha256, and no part file is left."""
+    import logging
+    import time
+
+    from services.server import build_server
+
+    data = os.urandom(24 << 20)  # more than HTTP/2's flow-control windows: it cannot all be sent ahead
+    config = tiny_server_config(
+        tmp_path / "cache",
+        services=frozenset({"artifacts"}),
+        preload_model=False,
+        max_connection_age_seconds=0.5,
+        max_connection_age_grace_seconds=0.25,
+    )
+    running = build_server(config)
+    try:
+        with TokenFlowClient(f"127.0.0.1:{running.port}", timeout=120) as client:
+            deadline = time.monotonic() + 60
+            while not serving(client, "tokenflow.v1.Artifacts"):
+                assert time.monotonic() < deadline, "the server never became SERVING"
+                time.sleep(0.1)
+            digest = client.upload(data, filename="big.mp4")
+            seen: list[int] = []
+
+            def slowly(done: int, total: int) -> None:
+                seen.append(done)
+                time.sleep(0.08)  # a slow reader: the download outlives its connection
+
+            with caplog.at_level(logging.WARNING, logger="clients.client"):
+                path = client.download(digest, tmp_path / "out.mp4", progress=slowly)
+        assert path.read_bytes() == data
+        assert any("re-attaching" in r.getMessage() for r in caplog.records), "the stream was never cut"
+        assert seen == sorted(seen) and seen[-1] == len(data), "progress went back: it restarted from 0"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out.mp4"], "a part file was left"
     finally:
         running.stop(grace=0)
 

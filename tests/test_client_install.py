@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback import tiny_server_config
 
 import clients
 
@@ -136,19 +137,9 @@ def _run(command: list[str], cwd: Path, timeout: float = 60) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from services.config import ServerConfig
     from services.server import build_server
 
-    config = ServerConfig(
-        services="all",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        cache_size_bytes=1 << 30,
-        model="tiny",
-    )
-    running = build_server(config)
+    running = build_server(tiny_server_config(tmp_path_factory.mktemp("cache")))
     yield running
     running.stop(grace=0)
 

@@ -540,6 +540,11 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def exported_sample_names(metrics: Metrics) -> set[str]:
     """Every sample name the registry can export, even for labelled metrics with no children yet."""
+    return set().union(*sample_names_by_family(metrics).values())
+
+
+def sample_names_by_family(metrics: Metrics) -> dict[str, set[str]]:
+    """Each metric family of the registry, with the sample names it can export."""
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -549,10 +554,10 @@ def exported_sample_names(metrics: Metrics) -> set[str]:
         "stateset": ("",),
         "unknown": ("",),
     }
-    names = set()
+    names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
-        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
-        names.update(s.name for s in family.samples)
+        names[family.name] = {family.name + s for s in suffixes.get(family.type, ("",))}
+        names[family.name].update(s.name for s in family.samples)
     return names
 
 
@@ -617,6 +622,14 @@ def test_dashboard_and_rules_use_only_exported_metrics() -> None:
         "tokenflow_inversions_total",
     ):
         assert needed in used, needed
+    # Every metric of ours has a panel: a new metric comes with the panel that shows it.
+    on_dashboard = set().union(*(promql_metric_names(e) for e in dashboard))
+    without_panel = {
+        family
+        for family, names in sample_names_by_family(Metrics()).items()
+        if family.startswith("tokenflow_") and not names & on_dashboard
+    }
+    assert not without_panel, f"metrics without a dashboard panel: {sorted(without_panel)}"
     for q in ("0.5", "0.95", "0.99"):
         assert any(
             f"histogram_quantile({q}," in e and "tokenflow_job_duration_seconds_bucket" in e

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from loopback import metric, scrape, tiny_server_config
 from serve_process import ServeProcess
 
 from clients import ClientError, TokenFlowClient, decode_spec, edit_spec, inversion_spec
@@ -325,25 +324,6 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def scrape(metrics_port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a /metrics page, by (sample name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode("utf-8")
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def jobs_total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
-    return sum(v for (name, _), v in samples.items() if name == "tokenflow_jobs_total")
-
-
 class Recorder:
     """on_event callback keeping the Editor's events."""
 
@@ -414,7 +394,8 @@ def run_edit_flow(
 
     if metrics_port is not None:
         after_again = scrape(metrics_port)
-        assert jobs_total(after_again) == jobs_total(after_b), "a repeated request must not compute"
+        jobs = "tokenflow_jobs_total"  # every stage's
+        assert metric(after_again, jobs) == metric(after_b, jobs), "a repeated request must not compute"
         assert metric(after_again, "tokenflow_inversions_total") == metric(
             after_b, "tokenflow_inversions_total"
         )
@@ -429,20 +410,9 @@ def run_edit_flow(
 
 
 def test_single_process_edits_share_one_inversion(tmp_path: Path, clip: Path) -> None:
-    from services.config import ServerConfig
     from services.server import build_server
 
-    config = ServerConfig(
-        services="all",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        cache_dir=tmp_path / "cache",
-        cache_size_bytes=2 << 30,
-        model="tiny",
-        job_grace_seconds=5,
-    )
-    server = build_server(config)
+    server = build_server(tiny_server_config(tmp_path / "cache", metrics_port=0, job_grace_seconds=5))
     try:
         assert server.metrics_port is not None
         with TokenFlowClient(f"127.0.0.1:{server.port}", timeout=60) as client:

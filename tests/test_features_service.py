@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_e2e_services import DECODE, INVERSION, metric, scrape
+from loopback import metric, scrape, tiny_server_config
+from test_e2e_services import DECODE, INVERSION
 
 from clients import TokenFlowClient, edit_spec
 from tokenflow_pb.v1 import common_pb2
@@ -34,20 +35,12 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _server(tmp_path: Path, budget: int) -> Iterator[tuple[TokenFlowClient, int]]:
-    from services.config import ServerConfig
     from services.server import build_server
 
-    config = ServerConfig(
-        services="all",
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        cache_dir=tmp_path / "cache",
-        cache_size_bytes=2 << 30,
-        model="tiny",
-        job_grace_seconds=5,
+    config = tiny_server_config(
+        tmp_path / "cache", cache_size_bytes=2 << 30, metrics_port=0, job_grace_seconds=5,
         features_budget=budget,
-    )
+    )  # fmt: skip
     server = build_server(config)
     try:
         assert server.metrics_port is not None

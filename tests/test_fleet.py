@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from loopback import metric, scrape, tiny_server_config
 from serve_process import SERVICES_SERVER, ServeProcess
 
 from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients import channels as client_channels
 from clients.client import operation_metadata
 from services import channels as service_channels
-from services.config import ServerConfig
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
 from tokenflow_pb.v1 import inversion_pb2, server_info_pb2, server_info_pb2_grpc
@@ -62,21 +60,6 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-def scrape(host: str, port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a server's /metrics, parsed with the Prometheus text parser."""
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -100,7 +83,7 @@ class Replica(ServeProcess):
         return self
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return scrape(self.host, self.metrics_port or 0)
+        return scrape(self.metrics_port or 0, self.host)
 
 
 def replica_args(cache: Path, shared: Path, *extra: str) -> list[str]:
@@ -140,16 +123,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         target = "ipv4:" + ",".join(r.target for r in replicas)
         host = ModelHost("tiny", device="cpu", dtype="float32")
         editor = build_server(
-            ServerConfig(
+            tiny_server_config(
+                root / "editor-cache",
                 services="editor,keyframes,propagation",
-                host="127.0.0.1",
-                port=0,
                 metrics_port=0,
-                cache_dir=root / "editor-cache",
-                cache_size_bytes=1 << 30,
                 shared_store=shared,
-                model="tiny",
-                device="cpu",
                 inversion_addr=target,
                 stage_wait_seconds=60,
             ),
@@ -227,7 +205,7 @@ def test_calls_are_spread_over_both_replicas(fleet: dict[str, Any], clip_path: P
     for replica in fleet["replicas"]:
         m = replica.metrics()
         calls = sum(
-            sample(m, "tokenflow_requests_total", service="inversion", method="Invert", outcome=o)
+            metric(m, "tokenflow_requests_total", service="inversion", method="Invert", outcome=o)
             for o in ("ok",)
         )
         assert calls >= 1, f"{replica.name} got no Invert call: pick_first instead of round_robin?"
@@ -259,9 +237,9 @@ def test_a_full_queue_fails_over_to_the_other_replica(fleet: dict[str, Any], cli
         thread = threading.Thread(target=occupy, daemon=True)
         thread.start()
         try:
-            wait_for(lambda: sample(a.metrics(), "tokenflow_jobs_in_flight", stage="inversion") == 1, 120,
+            wait_for(lambda: metric(a.metrics(), "tokenflow_jobs_in_flight", stage="inversion") == 1, 120,
                      "A to run the occupying job")  # fmt: skip
-            before = scrape("127.0.0.1", editor.metrics_port or 0)
+            before = scrape(editor.metrics_port or 0)
             # Round robin alternates, so of two inversions at least one is first sent to the busy A.
             for n in range(2):
                 inversion = inversion_spec(prompt=f"queue {n}", steps=2, edit_steps=2, reconstruct=False)
@@ -271,17 +249,17 @@ def test_a_full_queue_fails_over_to_the_other_replica(fleet: dict[str, Any], cli
             wait_for(lambda: job_ids, 30, "the occupying job's id")
             client_a.cancel("inversion", job_ids[0])
             thread.join(60)
-    rejected = sample(a.metrics(), "tokenflow_requests_total", service="inversion", method="Invert",
+    rejected = metric(a.metrics(), "tokenflow_requests_total", service="inversion", method="Invert",
                       outcome="resource_exhausted")  # fmt: skip
     assert rejected >= 1, "A never refused a job: the test did not exercise the full queue"
-    after = scrape("127.0.0.1", editor.metrics_port or 0)
-    failovers = sample(after, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
+    after = scrape(editor.metrics_port or 0)
+    failovers = metric(after, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
     assert (
-        failovers - sample(before, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
+        failovers - metric(before, "tokenflow_stage_failovers_total", stage="inversion", reason="queue_full")
         >= 1
     )
     assert (
-        sample(b.metrics(), "tokenflow_requests_total", service="inversion", method="Invert", outcome="ok")
+        metric(b.metrics(), "tokenflow_requests_total", service="inversion", method="Invert", outcome="ok")
         >= 1
     )
 
@@ -294,10 +272,7 @@ def test_a_replica_killed_mid_job_fails_over_with_the_same_artifact(
     and the Edit completes with the artifact a clean run gives (same content address, same bytes)."""
     inversion = inversion_spec(prompt="killed", steps=4, edit_steps=2, reconstruct=False)
     # The clean run: an embedded server of its own, sharing nothing with the fleet but the model.
-    clean_config = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "clean", cache_size_bytes=1 << 30,
-        model="tiny", device="cpu",
-    )  # fmt: skip
+    clean_config = tiny_server_config(tmp_path / "clean")
     with build_server(clean_config, model_host=fleet["host"]) as clean:
         with TokenFlowClient(clean.target, timeout=300) as client:
             wait_for(lambda: client.health() == "SERVING", 60, "the clean server")
@@ -319,7 +294,7 @@ def test_a_replica_killed_mid_job_fails_over_with_the_same_artifact(
 
         def running_replica() -> Replica | None:
             for r in fleet["replicas"]:
-                if r.process.poll() is None and sample(
+                if r.process.poll() is None and metric(
                     r.metrics(), "tokenflow_jobs_in_flight", stage="inversion"
                 ):
                     return r
@@ -332,10 +307,10 @@ def test_a_replica_killed_mid_job_fails_over_with_the_same_artifact(
     (result,) = results
     assert result.digest == expected.digest
     assert files_of(result) == files_of(expected)
-    m = scrape("127.0.0.1", editor.metrics_port or 0)
+    m = scrape(editor.metrics_port or 0)
     assert (
         sum(
-            sample(m, "tokenflow_stage_failovers_total", stage="inversion", reason=reason)
+            metric(m, "tokenflow_stage_failovers_total", stage="inversion", reason=reason)
             for reason in ("unavailable", "stream_broken", "stream_ended")
         )
         >= 1
@@ -375,9 +350,9 @@ def test_a_model_that_cannot_load_is_not_serving_with_the_reason(
         assert health(replica.target, "tokenflow.v1.Inversion") == NOT_SERVING
         assert health(replica.target, "tokenflow.v1.Artifacts") == SERVING
         m = replica.metrics()
-        assert sample(m, "tokenflow_model_ready") == 0
-        assert sample(m, "tokenflow_model_load_failures_total") >= 1
-        assert sample(m, "tokenflow_service_serving", service="tokenflow.v1.Inversion") == 0
+        assert metric(m, "tokenflow_model_ready") == 0
+        assert metric(m, "tokenflow_model_load_failures_total") >= 1
+        assert metric(m, "tokenflow_service_serving", service="tokenflow.v1.Inversion") == 0
         # What an operator types: `tokenflow-client info` prints the same, as JSON.
         from clients import cli
 
@@ -400,10 +375,7 @@ def test_a_model_still_loading_is_not_serving_until_it_is_warm(tmp_path: Path) -
         assert release.wait(60), "the test never let the model load"
         return load_model(name, device=device, dtype=dtype)
 
-    config = ServerConfig(
-        services="inversion,editor,keyframes,propagation", host="127.0.0.1", port=0, metrics_port=None,
-        cache_dir=tmp_path / "c", cache_size_bytes=1 << 30, model="tiny", device="cpu",
-    )  # fmt: skip
+    config = tiny_server_config(tmp_path / "c", services="inversion,editor,keyframes,propagation")
     host = ModelHost("tiny", device="cpu", dtype="float32", loader=slow_loader)
     with build_server(config, model_host=host) as running:
         target = running.target
@@ -433,10 +405,7 @@ def test_a_model_still_loading_is_not_serving_until_it_is_warm(tmp_path: Path) -
 @pytest.mark.slow  # three edits on one tiny model: seconds on an idle machine, minutes on a loaded one
 def test_distinct_edits_run_concurrently_and_stream_per_edit(tmp_path: Path, clip_path: Path) -> None:
     """With --edit-parallelism 2 the second edit's stage call starts before the first one's result."""
-    config = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "c", cache_size_bytes=1 << 30,
-        model="tiny", device="cpu", edit_parallelism=2,
-    )  # fmt: skip
+    config = tiny_server_config(tmp_path / "c", edit_parallelism=2)
     events: list[tuple[int, str]] = []
     with build_server(config) as running, TokenFlowClient(running.target, timeout=300) as client:
         assert server_info(running.target).limits.edit_parallelism == 2
@@ -510,7 +479,7 @@ def s3_fleet(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterat
 
 
 def counter(replica: Replica, name: str, **labels: str) -> float:
-    return sample(replica.metrics(), name, **labels)
+    return metric(replica.metrics(), name, **labels)
 
 
 def ok_jobs(replica: Replica, stage: str) -> float:
@@ -554,10 +523,7 @@ def test_sigkill_of_a_propagation_replica_mid_edit_gives_the_clean_result(
     procs = s3_fleet["procs"]
     inversion = inversion_spec(prompt="kill", steps=10, edit_steps=10, reconstruct=False)
     edit = edit_spec("a bronze statue", seed=3)
-    clean_config = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=None, cache_dir=tmp_path / "clean", cache_size_bytes=1 << 30,
-        model="tiny", device="cpu",
-    )  # fmt: skip
+    clean_config = tiny_server_config(tmp_path / "clean")
     with build_server(clean_config) as clean, TokenFlowClient(clean.target, timeout=900) as client:
         wait_for(lambda: client.health() == "SERVING", 120, "the clean server")
         (expected,) = client.edit(clip_path, edit, decode=DECODE, inversion=inversion)
@@ -610,8 +576,8 @@ def test_a_replica_that_never_saw_the_clip_edits_from_the_shared_tier(
         result = client.propagate(inverted.digest, edit_spec("a new prompt", seed=11))
         check_mp4(client, result, tmp_path, frames=10)
     m = fresh.metrics()
-    assert sample(m, "tokenflow_inversions_total") == 0  # the inversion came from S3: no rebuild
-    assert sample(m, "tokenflow_jobs_total", stage="propagation", outcome="ok") == 1
+    assert metric(m, "tokenflow_inversions_total") == 0  # the inversion came from S3: no rebuild
+    assert metric(m, "tokenflow_jobs_total", stage="propagation", outcome="ok") == 1
     assert fleet_inversions(s3_fleet) == inversions_before  # and no inversion replica computed one
 
 

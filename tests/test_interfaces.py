@@ -247,7 +247,7 @@ def test_every_serve_flag_reads_its_environment_variable() -> None:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if not flags or action.dest == "help":
             continue
-        raw = (list(action.choices)[-1] if action.choices else samples.get(action.type, "x"))
+        raw = list(action.choices)[-1] if action.choices else samples.get(action.type, "x")
         args = config.parse_args([], environ={config.env_name(flags[0]): str(raw)})
         expected = action.type(raw) if callable(action.type) else raw
         assert getattr(args, action.dest) == expected, flags[0]

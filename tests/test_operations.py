@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import code_pb2
+from loopback import tiny_server_config
 
 from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
 from clients.client import ClientError, operation_metadata, operation_result
-from services.config import ServerConfig
 from services.convert import decode_spec_from_proto, inversion_spec_from_proto
 from services.inversion import InversionRecipe
 from services.model_host import ModelHost
@@ -58,11 +58,13 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running
     servers = []
     try:
         for name, address in (("a", "127.0.0.1"), ("b", "127.0.0.2")):
-            config = ServerConfig(
-                services="inversion", host=address, port=0, metrics_port=None,
-                cache_dir=root / f"cache-{name}", cache_size_bytes=1 << 30, shared_store=root / "shared",
-                model="tiny", device="cpu", lease_seconds=5,
-            )  # fmt: skip
+            config = tiny_server_config(
+                root / f"cache-{name}",
+                services="inversion",
+                host=address,
+                shared_store=root / "shared",
+                lease_seconds=5,
+            )
             servers.append(build_server(config, model_host=host))
         a, b = servers
         with TokenFlowClient(a.target, timeout=60) as client:
@@ -168,11 +170,13 @@ def test_a_sharded_inversion_has_the_unsharded_address_and_tensors(
     a, b = replicas
     before = (inversions(a), inversions(b))
     target = f"ipv4:{a.target},{b.target}"
-    config = ServerConfig(
-        services="editor,keyframes,propagation", host="127.0.0.1", port=0, metrics_port=None,
-        cache_dir=ROOTS[0] / "cache-editor", cache_size_bytes=1 << 30, shared_store=ROOTS[0] / "shared",
-        model="tiny", device="cpu", inversion_addr=target, inversion_shards=2,
-    )  # fmt: skip
+    config = tiny_server_config(
+        ROOTS[0] / "cache-editor",
+        services="editor,keyframes,propagation",
+        shared_store=ROOTS[0] / "shared",
+        inversion_addr=target,
+        inversion_shards=2,
+    )
     spec = inversion_spec(prompt="sharded", steps=2, edit_steps=2, reconstruct=False)
     events: list[Any] = []
     with build_server(config, model_host=a.model_host) as editor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from loopback import tiny_server_config
 
 from services.config import ServerConfig, config_from_args, parse_args
 from services.model_host import ModelHost
@@ -44,11 +45,8 @@ LONG_PROMPT = OK_PROMPT + "!"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     host = ModelHost("tiny", device="cpu")
-    config = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        cache_dir=tmp_path_factory.mktemp("limits") / "cache",
+    config = tiny_server_config(
+        tmp_path_factory.mktemp("limits") / "cache",
         cache_size_bytes=200 << 20,
         preload_model=False,
         max_concurrent_rpcs=40,

@@ -16,8 +16,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from loopback import tiny_server_config
 
-from services.config import STAGES, ServerConfig
+from services.config import STAGES
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
 from tokenflow.keys import inversion_key
@@ -135,19 +136,11 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def start(directory: Path, host: ModelHost | None, **overrides: Any) -> RunningServer:
-    config = ServerConfig(
-        **{
-            "services": frozenset(STAGES),
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": None,
-            "cache_dir": directory / "cache",
-            "cache_size_bytes": 200 << 20,
-            "preload_model": False,
-            **overrides,
-        }
-    )
-    return build_server(config, model_host=host)
+    stages: dict[str, Any] = {
+        "services": frozenset(STAGES), "metrics_port": None, "cache_size_bytes": 200 << 20,
+        "preload_model": False,
+    }  # fmt: skip
+    return build_server(tiny_server_config(directory / "cache", **(stages | overrides)), model_host=host)
 
 
 @pytest.fixture(scope="module")

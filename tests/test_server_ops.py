@@ -19,6 +19,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from loopback import tiny_server_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import SERVICES, STAGES, ServerConfig, parse_services, parse_size
@@ -110,19 +111,11 @@ def host() -> ModelHost:
 
 
 def start(directory: Path, host: ModelHost | None, **overrides: Any) -> RunningServer:
-    config = ServerConfig(
-        **{
-            "services": frozenset(STAGES),
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": 0,
-            "cache_dir": directory / "cache",
-            "cache_size_bytes": 200 << 20,
-            "preload_model": False,
-            **overrides,
-        }
-    )
-    return build_server(config, model_host=host)
+    stages: dict[str, Any] = {
+        "services": frozenset(STAGES), "metrics_port": 0, "cache_size_bytes": 200 << 20,
+        "preload_model": False,
+    }  # fmt: skip
+    return build_server(tiny_server_config(directory / "cache", **(stages | overrides)), model_host=host)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from loopback import tiny_server_config
 
 from clients import ClientError
-from services.config import STAGES, ServerConfig
+from services.config import STAGES
 from services.model_host import ModelHost
 from services.server import RunningServer, build_server
 from tokenflow.synthetic import make_clip
@@ -149,16 +150,10 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def start(directory: Path, host: ModelHost, **overrides: Any) -> RunningServer:
-    config = ServerConfig(
-        services=frozenset(STAGES),
-        host="127.0.0.1",
-        port=0,
-        metrics_port=None,
-        cache_dir=directory / "cache",
-        cache_size_bytes=200 << 20,
-        preload_model=False,
+    config = tiny_server_config(
+        directory / "cache", services=frozenset(STAGES), cache_size_bytes=200 << 20, preload_model=False,
         **overrides,
-    )
+    )  # fmt: skip
     return build_server(config, model_host=host)
 
 
