@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from services.config import ServerConfig
+    from services.model_host import ModelHost
+    from services.server import RunningServer
 
 # Every sample of a /metrics page, by (sample name, its labels).
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -37,6 +39,18 @@ def tiny_server_config(cache_dir: Path, **overrides: Any) -> ServerConfig:
         "device": "cpu",
     }
     return ServerConfig(**(settings | overrides))
+
+
+def stage_server(directory: Path, host: ModelHost | None, **overrides: Any) -> RunningServer:
+    """The three stage services on `host` (a shared ModelHost; None where no stage needs the model),
+    a 200 MiB cache in `directory`, no model preload; `overrides` as for `tiny_server_config`."""
+    from services.config import STAGES
+    from services.server import build_server
+
+    stages: dict[str, Any] = {
+        "services": frozenset(STAGES), "cache_size_bytes": 200 << 20, "preload_model": False,
+    }  # fmt: skip
+    return build_server(tiny_server_config(directory / "cache", **(stages | overrides)), model_host=host)
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> Samples:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loopback import metric, scrape, tiny_server_config
+from loopback import Samples, metric, scrape, tiny_server_config
 from serve_process import SERVICES_SERVER, ServeProcess
 
 from clients import TokenFlowClient, decode_spec, edit_spec, inversion_spec
@@ -82,7 +82,7 @@ class Replica(ServeProcess):
         self.wait_serving(timeout)
         return self
 
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    def metrics(self) -> Samples:
         return scrape(self.metrics_port or 0, self.host)
 
 

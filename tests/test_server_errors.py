@@ -16,11 +16,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from loopback import tiny_server_config
+from loopback import stage_server as start
 
 from services.config import STAGES
 from services.model_host import ModelHost
-from services.server import RunningServer, build_server
+from services.server import RunningServer
 from tokenflow.keys import inversion_key
 from tokenflow.specs import DecodeSpec, InversionSpec
 from tokenflow.synthetic import make_clip
@@ -133,14 +133,6 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return make_clip(
         tmp_path_factory.mktemp("clip") / "clip.mp4", frames=8, size=(64, 64), fps=8
     ).read_bytes()
-
-
-def start(directory: Path, host: ModelHost | None, **overrides: Any) -> RunningServer:
-    stages: dict[str, Any] = {
-        "services": frozenset(STAGES), "metrics_port": None, "cache_size_bytes": 200 << 20,
-        "preload_model": False,
-    }  # fmt: skip
-    return build_server(tiny_server_config(directory / "cache", **(stages | overrides)), model_host=host)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from loopback import tiny_server_config
+from loopback import stage_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import SERVICES, STAGES, ServerConfig, parse_services, parse_size
 from services.model_host import ModelHost
-from services.server import RunningServer, build_server, config_from_args, main, parse_args
+from services.server import RunningServer, config_from_args, main, parse_args
 from tokenflow.synthetic import make_clip
 from tokenflow_pb.v1 import artifacts_pb2, artifacts_pb2_grpc, common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -111,11 +111,8 @@ def host() -> ModelHost:
 
 
 def start(directory: Path, host: ModelHost | None, **overrides: Any) -> RunningServer:
-    stages: dict[str, Any] = {
-        "services": frozenset(STAGES), "metrics_port": 0, "cache_size_bytes": 200 << 20,
-        "preload_model": False,
-    }  # fmt: skip
-    return build_server(tiny_server_config(directory / "cache", **(stages | overrides)), model_host=host)
+    """The stage server of `loopback.stage_server`, with an ephemeral metrics port (these tests scrape it)."""
+    return stage_server(directory, host, **({"metrics_port": 0} | overrides))
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from loopback import tiny_server_config
+from loopback import stage_server as start
 
 from clients import ClientError
-from services.config import STAGES
 from services.model_host import ModelHost
-from services.server import RunningServer, build_server
+from services.server import RunningServer
 from tokenflow.synthetic import make_clip
 from tokenflow.video import count_frames, probe
 from tokenflow_pb.v1 import (
@@ -147,14 +146,6 @@ def host() -> ModelHost:
 def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames=FRAMES, size=(64, 64), fps=8)
     return path.read_bytes()
-
-
-def start(directory: Path, host: ModelHost, **overrides: Any) -> RunningServer:
-    config = tiny_server_config(
-        directory / "cache", services=frozenset(STAGES), cache_size_bytes=200 << 20, preload_model=False,
-        **overrides,
-    )  # fmt: skip
-    return build_server(config, model_host=host)
 
 
 @pytest.fixture(scope="module")
